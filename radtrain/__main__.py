@@ -1,0 +1,3 @@
+from radtrain.cli import entry
+
+entry()

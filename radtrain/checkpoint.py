@@ -1,0 +1,178 @@
+"""Resumable state checkpoints: written under a temporary name, renamed when complete.
+
+Layout: ``checkpoints/step-00000123/`` holds accelerate's state (model, optimizer, scheduler,
+RNG per rank), ``trainer_state.json`` and, written last, ``COMPLETE`` (a manifest with the
+config fingerprint, world size and the size of every file). A directory without a valid
+manifest is never resumed from, so a kill mid-write costs at most the steps since the previous
+checkpoint. Rotation keeps ``train.save_total_limit`` checkpoints and never touches ``best/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Everything (besides tensors) that a resumed run needs to continue at the exact batch."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_batches_done: int = 0  # of this rank's micro-batches in `epoch`
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_epoch: float | None = None
+    nan_steps_skipped: int = 0
+    consecutive_nan_steps: int = 0
+    captions_seen: int = 0
+    tokens_seen: int = 0
+    train_time_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainerState:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _manifest_for(directory: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    manifest: dict
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest.get("world_size", 1))
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, fingerprint: str, world_size: int, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.fingerprint = fingerprint
+        self.world_size = world_size
+        self.keep = keep
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _validate(self, path: Path) -> CheckpointInfo | None:
+        match = STEP_DIR.match(path.name)
+        manifest_path = path / MANIFEST
+        if not match or not manifest_path.is_file():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("checkpoint %s: unreadable manifest, skipped", path)
+            return None
+        for rel, size in manifest.get("files", {}).items():
+            file = path / rel
+            if not file.is_file() or file.stat().st_size != size:
+                log.warning("checkpoint %s: %s is missing or truncated, skipped", path, rel)
+                return None
+        return CheckpointInfo(path=path, step=int(match.group(1)), manifest=manifest)
+
+    def complete_checkpoints(self) -> list[CheckpointInfo]:
+        """Valid checkpoints, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [self._validate(p) for p in self.root.iterdir() if p.is_dir()]
+        return sorted((c for c in found if c is not None), key=lambda c: c.step, reverse=True)
+
+    def check_compatible(self, info: CheckpointInfo) -> None:
+        if info.manifest.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"{info.path.parent.parent} holds checkpoints of a different configuration "
+                f"(fingerprint {info.manifest.get('fingerprint')} != {self.fingerprint}; the saved one is in "
+                f"{info.path.parent.parent / 'config.yaml'}). Use a new output_dir, or the same settings to resume."
+            )
+        if info.world_size != self.world_size:
+            raise CheckpointError(
+                f"{info.path} was written by {info.world_size} processes and this run has {self.world_size}: "
+                "optimizer shards resume only at the same world size. Relaunch with "
+                f"{info.world_size} processes, or start a new output_dir with model.init_from=<run>/best "
+                "to continue from the exported weights."
+            )
+
+    def load_state(self, info: CheckpointInfo) -> TrainerState:
+        return TrainerState.from_dict(json.loads((info.path / STATE_FILE).read_text()))
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def save(self, accelerator, state: TrainerState) -> Path:
+        """Collective: every rank must call it (DeepSpeed shards are written by their owners)."""
+        final = self.root / f"step-{state.global_step:08d}"
+        tmp = self.root / f".tmp-step-{state.global_step:08d}"
+        if accelerator.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            manifest = {
+                "fingerprint": self.fingerprint,
+                "world_size": self.world_size,
+                "global_step": state.global_step,
+                "written_at": time.time(),
+                "files": _manifest_for(tmp),
+            }
+            with open(tmp / MANIFEST, "w") as handle:
+                json.dump(manifest, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if final.exists():  # same step saved twice (e.g. signal right after an eval save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+            self._rotate()
+        accelerator.wait_for_everyone()
+        return final
+
+    def _rotate(self) -> None:
+        complete = self.complete_checkpoints()
+        for old in complete[self.keep :]:
+            shutil.rmtree(old.path, ignore_errors=True)
+        # Leftovers of writes that were killed.
+        for stale in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,169 @@
+"""``radtrain`` command line: one entry point, one subcommand per job.
+
+``main(argv)`` is callable from tests; ``accelerate launch -m radtrain <subcommand>`` runs the
+same code on several processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from radtrain.config import ConfigError, load_config, valid_keys
+
+log = logging.getLogger("radtrain")
+
+# Exit statuses a script (sbatch, submitit, CI) can act on.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PUSH_FAILED = 3  # training succeeded, publishing did not
+# EXIT_RESUME (75) lives in radtrain.trainer: stopped on a signal, checkpoint saved, start again.
+
+OVERRIDES_HELP = "dotted overrides, e.g. train.lr=3e-5 data.source=path/to/dir (keys: see --list-keys)"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (sections data, model, train, hub, tracking)")
+    parser.add_argument("--output-dir", help="shortcut for output_dir=...")
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def _config(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from radtrain.phase import run_phase
+
+    run_phase(_config(args), args.command)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from radtrain.evaluate import evaluate_model
+
+    evaluate_model(args.model, args.data, args.split, args.output, args.overrides, threshold=args.threshold)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from radtrain.predict import predict_lines, read_texts
+
+    texts = list(args.texts)
+    if args.input:
+        texts += list(read_texts(args.input))
+    if not texts:
+        raise ConfigError("predict: give texts as arguments or --input FILE (.jsonl with a 'caption' field, or .txt)")
+    for line in predict_lines(args.model, texts, threshold=args.threshold, batch_size=args.batch_size):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from radtrain.demo import run_demo
+
+    run_demo(args.output_dir, args.overrides)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radtrain",
+        description="Train ModernBERT radiology CUI classifiers: MLM adaptation, then multi-label fine-tuning.",
+    )
+    parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser("demo", help="offline demo: synthetic captions, scratch tiny model, MLM then classifier")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (applied to both phases)")
+    demo.set_defaults(func=cmd_demo)
+
+    for name, text in (
+        ("mlm", "phase 1: adapt ModernBERT to radiology text with masked-language modelling"),
+        ("classify", "phase 2: fine-tune a multi-label CUI classifier (model.init_from=RUN/best to start from MLM)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="metrics of an exported model on a split")
+    ev.add_argument("--model", required=True, help="an export directory (a run's best/)")
+    ev.add_argument("--data", help="data source (default: the one the model was trained on)")
+    ev.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    ev.add_argument("--output", help="write the metrics as JSON here")
+    ev.add_argument("--threshold", type=float, help="override the export's decision thresholds")
+    ev.add_argument("overrides", nargs="*", help="data.* overrides (e.g. data.text_column=text)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="predict CUIs for texts; one JSON object per text")
+    pr.add_argument("--model", required=True, help="an export directory (a run's best/)")
+    pr.add_argument("--threshold", type=float, help="override the export's decision thresholds")
+    pr.add_argument("--input", help=".jsonl (field 'caption' or 'text') or .txt (one text per line)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("texts", nargs="*")
+    pr.set_defaults(func=cmd_predict)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules add subcommands here (bench, baseline, submit, push, prefetch) so the CLI stays thin.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _register_extras() -> None:
+    import importlib
+
+    for module in ("radtrain.bench", "radtrain.baseline", "radtrain.cluster", "radtrain.hub"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        register = getattr(mod, "register_cli", None)
+        if register is not None and register not in EXTRA_COMMANDS:
+            EXTRA_COMMANDS.append(register)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_extras()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_keys:
+        print("\n".join(valid_keys()))
+        return EXIT_OK
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from radtrain.checkpoint import CheckpointError
+    from radtrain.data.sources import DataError
+    from radtrain.trainer import EXIT_RESUME, NonFiniteLossError, ResumeRequested
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"radtrain: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ResumeRequested as exc:
+        print(f"radtrain: {exc}; run the same command again to resume", file=sys.stderr)
+        return EXIT_RESUME
+    except NonFiniteLossError as exc:
+        print(f"radtrain: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

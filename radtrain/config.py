@@ -1,0 +1,381 @@
+"""Typed run configuration: one YAML file (optional) plus dotted overrides.
+
+Every hyperparameter has exactly one home here. Each section is a dataclass that checks its own
+values in ``__post_init__`` so a bad value fails at start, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    source: str = "unsloth/Radiology_mini"
+    """Hub dataset id, a directory of train/validation/test files, or a single file."""
+    text_column: str = "caption"
+    label_column: str = "cui"
+    label_delimiter: str = "auto"
+    """For labels stored as one string: 'auto' splits on ; , | or whitespace."""
+    label_names: str | None = None
+    """Optional CUI -> name mapping: a JSON object file or a two-column csv/tsv."""
+    label_name_column: str | None = None
+    """Optional column holding names parallel to the label column."""
+    min_label_count: int = 1
+    """Keep CUIs seen at least this many times in the training split."""
+    max_length: int = 256
+    validation_fraction: float = 0.15
+    """Used only when the source has no validation split: share of (train + test), seed 42."""
+    test_fraction: float = 0.1
+    """Used only for a single file: share held out as the test split before the validation cut."""
+    split_seed: int = 42
+    padding: str = "longest"
+    """'longest' pads each batch to its longest caption; 'max_length' pads to max_length (the seed)."""
+    pad_to_multiple_of: int = 8
+    """Bounds the number of distinct batch shapes (kernel plans, compile caches)."""
+    bucket_by_length: bool = True
+    """Group captions of similar length into batches so little compute is spent on padding."""
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    cache_dir: str | None = None
+    """Tokenized-dataset cache; default ~/.cache/radtrain (or $RADTRAIN_CACHE)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "data.source is empty: give a Hub dataset id, a directory or a file")
+        _check(self.min_label_count >= 1, f"data.min_label_count must be >= 1, got {self.min_label_count}")
+        _check(self.max_length >= 8, f"data.max_length must be >= 8, got {self.max_length}")
+        _check(0.0 < self.validation_fraction < 0.9, "data.validation_fraction must be in (0, 0.9)")
+        _check(0.0 < self.test_fraction < 0.9, "data.test_fraction must be in (0, 0.9)")
+        _check(self.padding in ("longest", "max_length"), "data.padding must be 'longest' or 'max_length'")
+        _check(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"data.{name} must be positive or null")
+
+
+SCRATCH_SIZES = ("tiny", "small", "base", "large")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "answerdotai/ModernBERT-base"
+    """Hub id, local directory, or scratch:tiny|small|base|large (offline, tokenizer trained here)."""
+    init_from: str | None = None
+    """Weights to start from (e.g. the MLM run's best/); the run's own checkpoints take precedence."""
+    attn_implementation: str | None = None
+    """None lets transformers choose (sdpa); 'flash_attention_2' where flash-attn is installed."""
+    mlm_probability: float = 0.3
+    classifier_pooling: str | None = None
+    """'cls' or 'mean'; None keeps the model's own setting."""
+    classifier_dropout: float | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name is empty")
+        if self.name.startswith("scratch:"):
+            size = self.name.split(":", 1)[1]
+            _check(size in SCRATCH_SIZES, f"model.name={self.name!r}: scratch size must be one of {SCRATCH_SIZES}")
+        _check(0.0 < self.mlm_probability < 1.0, "model.mlm_probability must be in (0, 1)")
+        _check(
+            self.classifier_pooling in (None, "cls", "mean"), "model.classifier_pooling must be cls, mean or null"
+        )
+
+    @property
+    def is_scratch(self) -> bool:
+        return self.name.startswith("scratch:")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 20
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs for the schedule)."""
+    batch_size: int = 8
+    """Per device. Global batch = batch_size x grad_accum x processes."""
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    precision: str = "auto"
+    """'auto' (bf16 on a GPU that supports it, else fp32), 'fp32' or 'bf16'."""
+    seed: int = 42
+    eval_every_steps: int | None = None
+    """Evaluate every N optimizer steps; None evaluates once per epoch."""
+    save_every_steps: int | None = None
+    """Extra resumable checkpoints between evaluations (every evaluation also saves one)."""
+    metric_for_best: str = "f1"
+    save_total_limit: int = 3
+    log_every_steps: int = 10
+    threshold: float = 0.5
+    max_nan_steps: int = 5
+    """Consecutive non-finite losses tolerated (steps skipped) before the run stops."""
+    num_workers: int = 0
+    pos_weight: float | None = None
+    """Multiply BCE positive terms by this (imbalance); None is the series' plain BCE."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be positive or null")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
+        _check(self.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
+        _check(self.save_total_limit >= 1, "train.save_total_limit must be >= 1")
+        _check(0.0 < self.threshold < 1.0, "train.threshold must be in (0, 1)")
+        _check(self.max_nan_steps >= 1, "train.max_nan_steps must be >= 1")
+        for name in ("eval_every_steps", "save_every_steps"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"train.{name} must be positive or null")
+
+
+@dataclass
+class HubConfig:
+    repo_id: str | None = None
+    """org/name to publish best/ to after the test evaluation; None publishes nothing."""
+    private: bool = True
+    revision: str | None = None
+    commit_message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.repo_id is not None:
+            _check(
+                self.repo_id.count("/") == 1 and all(self.repo_id.split("/")),
+                f"hub.repo_id must look like 'org/name', got {self.repo_id!r}",
+            )
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "none"
+    """'none', 'wandb' (offline unless tracking.mode=online)."""
+    project: str = "radtrain"
+    mode: str = "offline"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("none", "wandb"), "tracking.backend must be 'none' or 'wandb'")
+        _check(self.mode in ("offline", "online"), "tracking.mode must be 'offline' or 'online'")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/radtrain"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, task: str) -> str:
+        """Hash of everything that changes the maths of a run, for the resume check."""
+        payload = self.to_dict()
+        for key in RESUME_SAFE_KEYS:
+            section, _, name = key.partition(".")
+            if name:
+                payload[section].pop(name, None)
+            else:
+                payload.pop(section, None)
+        payload["task"] = task
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys a resumed run may change without changing what it computes.
+RESUME_SAFE_KEYS = (
+    "output_dir",
+    "hub",
+    "tracking",
+    "train.log_every_steps",
+    "train.num_workers",
+    "train.eval_batch_size",
+    "train.save_every_steps",
+    "data.cache_dir",
+)
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or explain why not."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "hub": HubConfig,
+    "tracking": TrackingConfig,
+}
+TOP_LEVEL_KEYS = ("output_dir",)
+
+
+def valid_keys() -> list[str]:
+    keys = list(TOP_LEVEL_KEYS)
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _unknown(key: str, choices: list[str]) -> ConfigError:
+    return ConfigError(f"unknown config key {key!r}. Valid keys: {', '.join(choices)}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-5' -> ('train.lr', 3e-05); the value is read as YAML (so null/true/1e-5 work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. train.lr=3e-5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: section {key!r} must be a mapping of keys, got {value!r}")
+            for sub, subvalue in value.items():
+                flat[f"{key}.{sub}"] = subvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Resolve a RunConfig: dataclass defaults < ``base`` < YAML file < dotted overrides."""
+    values: dict[str, Any] = {}
+    if base:
+        values.update(_flatten(base, "defaults"))
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (data:, train:, ...)")
+        values.update(_flatten(loaded, str(path)))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        values[key] = value
+    return build_config(values)
+
+
+def build_config(flat: dict[str, Any]) -> RunConfig:
+    keys = valid_keys()
+    kwargs: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    top: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key not in keys:
+            raise _unknown(key, keys)
+        section, _, name = key.partition(".")
+        if not name:
+            top[section] = _coerce(value, str, key)
+            continue
+        annotation = _section_types(SECTIONS[section])[name]
+        kwargs[section][name] = _coerce(value, annotation, key)
+    sections = {name: cls(**kwargs[name]) for name, cls in SECTIONS.items()}
+    return RunConfig(**top, **sections)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a config saved with to_dict()/to_yaml() (e.g. a run directory's config.yaml)."""
+    return build_config(_flatten(data, "saved config"))

@@ -1,0 +1,1 @@
+"""Data: sources, label space, tokenization cache, batching, synthetic demo captions."""

@@ -1,0 +1,122 @@
+"""The CUI label space: fitted on the training split only, saved as labels.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from radtrain.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelSpace:
+    cuis: list[str]
+    counts: list[int]
+    names: dict[str, str]
+    min_count: int = 1
+
+    def __post_init__(self) -> None:
+        self.index = {cui: i for i, cui in enumerate(self.cuis)}
+
+    def __len__(self) -> int:
+        return len(self.cuis)
+
+    @classmethod
+    def fit(
+        cls, train_labels: Sequence[Sequence[str]], min_count: int = 1, names: dict[str, str] | None = None
+    ) -> LabelSpace:
+        """Like the seed's MultiLabelBinarizer fitted on train, plus a frequency cut.
+
+        Labels are ordered by training frequency (most frequent first), ties by CUI, so the
+        order is deterministic and the head of the list is what matters most.
+        """
+        counter = Counter(cui for labels in train_labels for cui in labels)
+        kept = sorted((c for c, n in counter.items() if n >= min_count), key=lambda c: (-counter[c], c))
+        if not kept:
+            raise DataError(
+                f"no labels left after data.min_label_count={min_count}: the most frequent CUI appears "
+                f"{max(counter.values(), default=0)} times in training. Lower data.min_label_count."
+            )
+        dropped = len(counter) - len(kept)
+        if dropped:
+            log.info("label space: kept %d CUIs seen >= %d times, dropped %d rarer ones", len(kept), min_count, dropped)
+        names = names or {}
+        return cls(
+            cuis=kept, counts=[counter[c] for c in kept], names={c: names[c] for c in kept if c in names},
+            min_count=min_count,
+        )
+
+    def name(self, cui: str) -> str:
+        return self.names.get(cui, cui)
+
+    def encode(self, labels: Sequence[Sequence[str]], split_name: str = "") -> np.ndarray:
+        """Multi-hot matrix (float32). Unknown CUIs are dropped and counted in one warning."""
+        matrix = np.zeros((len(labels), len(self.cuis)), dtype=np.float32)
+        unseen = 0
+        for row, cuis in enumerate(labels):
+            for cui in cuis:
+                col = self.index.get(cui)
+                if col is None:
+                    unseen += 1
+                else:
+                    matrix[row, col] = 1.0
+        if unseen and split_name and split_name != "train":
+            log.warning(
+                "%s: %d label occurrences are CUIs outside the training label space (unseen in training or "
+                "under min_label_count); they are dropped from the targets",
+                split_name, unseen,
+            )
+        return matrix
+
+    def to_json(self) -> dict:
+        return {
+            "min_label_count": self.min_count,
+            "labels": [
+                {"cui": c, "name": self.names.get(c), "count": n} for c, n in zip(self.cuis, self.counts, strict=True)
+            ],
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LabelSpace:
+        data = json.loads(Path(path).read_text())
+        labels = data["labels"]
+        return cls(
+            cuis=[item["cui"] for item in labels],
+            counts=[int(item.get("count") or 0) for item in labels],
+            names={item["cui"]: item["name"] for item in labels if item.get("name")},
+            min_count=int(data.get("min_label_count", 1)),
+        )
+
+
+def load_name_mapping(path: str | os.PathLike) -> dict[str, str]:
+    """CUI -> name from a JSON object file or a two-column csv/tsv (cui, name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.label_names={str(path)!r}: no such file")
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: expected a JSON object mapping CUI to name")
+        return {str(k): str(v) for k, v in data.items()}
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = [row for row in csv.reader(handle, delimiter=delimiter) if len(row) >= 2]
+    if rows and rows[0][0].lower() in ("cui", "id", "concept"):
+        rows = rows[1:]
+    return {row[0].strip(): row[1].strip() for row in rows}

@@ -1,0 +1,317 @@
+"""Read captions and labels from a Hub dataset, a directory of split files, or one file.
+
+Only the text and label columns (and an optional name column) are read. Parquet is read by
+column, so an image column is never loaded or decoded. Each record keeps where it came from
+(file and line/row) so bad input can be reported precisely.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radtrain.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing"),
+}
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+class DataError(ValueError):
+    """Input data the user must fix; the message names the file/row and the fix."""
+
+
+@dataclass
+class Split:
+    """One split as plain lists: small enough (ROCOv2: 60k captions) to hold in memory."""
+
+    texts: list[str]
+    labels: list[list[str]]
+    origin: str
+    dropped_empty: int = 0
+    names: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, indices: Iterable[int], origin: str | None = None) -> Split:
+        idx = list(indices)
+        return Split(
+            texts=[self.texts[i] for i in idx],
+            labels=[self.labels[i] for i in idx],
+            origin=origin or self.origin,
+            names=self.names,
+        )
+
+
+def parse_labels(value: Any, delimiter: str, where: str) -> list[str]:
+    """Labels as a list, or one delimited string ('C1;C2', 'C1 C2', "['C1', 'C2']")."""
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        out = []
+        for item in value:
+            if not isinstance(item, str):
+                raise DataError(f"{where}: label {item!r} is not a string; labels must be CUI strings")
+            item = item.strip()
+            if item:
+                out.append(item)
+        return out
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            try:
+                parsed = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as exc:
+                raise DataError(f"{where}: label string {text[:60]!r} looks like a list but does not parse") from exc
+            return parse_labels(parsed, delimiter, where)
+        parts = re.split(r"[;,|\s]+", text) if delimiter == "auto" else text.split(delimiter)
+        return [p.strip() for p in parts if p.strip()]
+    raise DataError(
+        f"{where}: labels must be a list of strings or a delimited string, got {type(value).__name__} {value!r}"
+    )
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{number}: malformed JSON ({exc.msg}); fix or delete that line"
+                ) from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            yield f"{path}:{number}", row
+
+
+def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        # Many ".json" files are really JSON lines.
+        if exc.msg == "Extra data":
+            yield from _iter_jsonl(path)
+            return
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg})") from exc
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if "data" in data and isinstance(data["data"], list):
+            data = data["data"]
+        elif len(lists) == 1:
+            data = lists[0]
+        elif all(isinstance(v, list) for v in data.values()):
+            # Column-oriented: {"caption": [...], "cui": [...]}
+            keys = list(data)
+            data = [dict(zip(keys, values, strict=True)) for values in zip(*data.values(), strict=True)]
+        else:
+            raise DataError(f"{path}: expected a list of records, {{'data': [...]}} or columns of lists")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of records")
+    for number, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}[{number}]: expected an object, got {type(row).__name__}")
+        yield f"{path}[{number}]", row
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        for number, row in enumerate(reader, start=2):  # line 1 is the header
+            yield f"{path}:{number}", row
+
+
+def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    present = [c for c in columns if c in schema.names]
+    _require_columns(path, schema.names, columns[:1])
+    # Reading by column means an image column is never read from disk, let alone decoded.
+    table = pq.read_table(path, columns=present)
+    for number, row in enumerate(table.to_pylist()):
+        yield f"{path} row {number}", row
+
+
+def _require_columns(where: Any, existing: Iterable[str], wanted: list[str]) -> None:
+    existing = list(existing)
+    missing = [c for c in wanted if c not in existing]
+    if missing:
+        raise DataError(
+            f"{where}: column(s) {missing} not found; columns present: {existing}. "
+            "Set data.text_column / data.label_column to the right names."
+        )
+
+
+def _rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _iter_jsonl(path)
+    if suffix == ".json":
+        return _iter_json(path)
+    if suffix in (".csv", ".tsv"):
+        return _iter_csv(path)
+    if suffix == ".parquet":
+        return _iter_parquet(path, columns)
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {FILE_SUFFIXES}")
+
+
+def _collect(
+    rows: Iterable[tuple[str, dict[str, Any]]], cfg: DataConfig, origin: str, need_labels: bool = True
+) -> Split:
+    texts: list[str] = []
+    labels: list[list[str]] = []
+    names: dict[str, str] = {}
+    dropped: list[str] = []
+    checked_columns = False
+    for where, row in rows:
+        if not checked_columns:
+            _require_columns(origin, row.keys(), [cfg.text_column] + ([cfg.label_column] if need_labels else []))
+            checked_columns = True
+        if need_labels and cfg.label_column not in row:
+            raise DataError(f"{where}: no {cfg.label_column!r} field; fields present: {sorted(row)}")
+        text = row.get(cfg.text_column)
+        if not isinstance(text, str) or not text.strip():
+            dropped.append(where)
+            continue
+        cuis = parse_labels(row.get(cfg.label_column), cfg.label_delimiter, where)
+        if cfg.label_name_column and row.get(cfg.label_name_column) is not None:
+            row_names = parse_labels(row[cfg.label_name_column], "|", where)
+            if len(row_names) == len(cuis):
+                names.update(zip(cuis, row_names, strict=True))
+        texts.append(text.strip())
+        labels.append(list(dict.fromkeys(cuis)))  # de-duplicate, keep order
+    if dropped:
+        log.warning(
+            "%s: dropped %d empty or non-string captions (first: %s)", origin, len(dropped), ", ".join(dropped[:3])
+        )
+    return Split(texts=texts, labels=labels, origin=origin, dropped_empty=len(dropped), names=names)
+
+
+def _find_split_files(directory: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+    for split, aliases in SPLIT_ALIASES.items():
+        # train.jsonl, train-00000-of-00002.parquet, data/train_*.csv ...
+        pattern = re.compile(rf"^({'|'.join(aliases)})([-_.].*)?$", re.IGNORECASE)
+        matches = [p for p in files if pattern.match(p.stem)]
+        if matches:
+            found[split] = matches
+    data_dir = directory / "data"
+    if not found and data_dir.is_dir():
+        return _find_split_files(data_dir)
+    return found
+
+
+def _resplit_validation(splits: dict[str, Split], cfg: DataConfig) -> None:
+    """The seed's recipe: validation = fraction x (train + test), drawn from the shuffled train split.
+
+    Matches ``datasets.Dataset.train_test_split(test_size=n, seed=42)``: a permutation from
+    ``np.random.default_rng(seed)``, validation = its first n indices, train = the rest.
+    """
+    train = splits["train"]
+    total = len(train) + (len(splits["test"]) if "test" in splits else 0)
+    n_val = max(1, int(round(cfg.validation_fraction * total)))
+    if n_val >= len(train):
+        raise DataError(
+            f"{train.origin}: train split has {len(train)} captions, too few to hold out {n_val} for validation"
+        )
+    permutation = np.random.default_rng(cfg.split_seed).permutation(len(train))
+    splits["validation"] = train.select(permutation[:n_val].tolist(), origin=f"{train.origin} (validation cut)")
+    splits["train"] = train.select(permutation[n_val:].tolist())
+
+
+def _split_single_file(split: Split, cfg: DataConfig) -> dict[str, Split]:
+    permutation = np.random.default_rng(cfg.split_seed).permutation(len(split))
+    n_test = max(1, int(round(cfg.test_fraction * len(split))))
+    test = split.select(permutation[:n_test].tolist(), origin=f"{split.origin} (test cut)")
+    train = split.select(permutation[n_test:].tolist())
+    return {"train": train, "test": test}
+
+
+def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
+    import datasets
+
+    columns = [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
+    try:
+        # Parquet-backed Hub datasets (ROCOv2, Radiology_mini) accept `columns`: the image column
+        # is then never downloaded into the Arrow cache, let alone decoded.
+        dataset_dict = datasets.load_dataset(cfg.source, columns=columns)
+    except (TypeError, ValueError):
+        dataset_dict = datasets.load_dataset(cfg.source)
+    splits: dict[str, Split] = {}
+    for name, dataset in dataset_dict.items():
+        canonical = next((k for k, aliases in SPLIT_ALIASES.items() if name.lower() in aliases), None)
+        if canonical is None:
+            continue
+        _require_columns(f"{cfg.source} [{name}]", dataset.column_names, columns[: 2 if need_labels else 1])
+        dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
+        rows = ((f"{cfg.source} [{name}] row {i}", row) for i, row in enumerate(dataset))
+        splits[canonical] = _collect(rows, cfg, f"{cfg.source} [{name}]", need_labels)
+    return splits
+
+
+def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
+    """Return {'train', 'validation', 'test'} splits for ``cfg.source``.
+
+    A source without a validation split gets one by the seed's re-split; one file is first cut
+    into train and test (``data.test_fraction``).
+    """
+    source = Path(cfg.source).expanduser()
+    columns = [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
+    if source.is_dir():
+        files = _find_split_files(source)
+        if "train" not in files:
+            present = sorted(p.name for p in source.iterdir())
+            raise DataError(
+                f"{source}: no train file found (looked for train.jsonl/.json/.csv/.tsv/.parquet); "
+                f"files present: {present}"
+            )
+        splits = {}
+        for name, paths in files.items():
+            rows = (row for path in paths for row in _rows(path, columns))
+            splits[name] = _collect(rows, cfg, ", ".join(str(p) for p in paths), need_labels)
+    elif source.is_file():
+        splits = _split_single_file(_collect(_rows(source, columns), cfg, str(source), need_labels), cfg)
+    elif source.exists() or cfg.source.startswith((".", "/", "~")) or Path(cfg.source).suffix in FILE_SUFFIXES:
+        raise DataError(f"data.source={cfg.source!r}: no such file or directory")
+    else:
+        splits = _load_hub(cfg, need_labels)
+        if "train" not in splits:
+            raise DataError(f"data.source={cfg.source!r}: the dataset has no train split")
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise DataError(f"{split.origin}: the {name} split has no usable captions")
+    if "validation" not in splits:
+        _resplit_validation(splits, cfg)
+    if "test" not in splits:
+        log.warning("%s has no test split: the final test evaluation will be skipped", cfg.source)
+    if cfg.max_train_samples:
+        splits["train"] = splits["train"].select(range(min(cfg.max_train_samples, len(splits["train"]))))
+    if cfg.max_eval_samples:
+        for name in ("validation", "test"):
+            if name in splits:
+                splits[name] = splits[name].select(range(min(cfg.max_eval_samples, len(splits[name]))))
+    return splits

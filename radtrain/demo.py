@@ -1,0 +1,80 @@
+"""``radtrain demo``: the whole pipeline offline, in a few minutes on two CPU cores.
+
+Synthetic radiology captions (written by the project itself, labelled with real CUIs) ->
+scratch tiny ModernBERT -> MLM phase -> classifier from the MLM export -> test metrics and
+example predictions with CUI names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from radtrain.config import load_config
+
+# The embedded default job. A tiny model learns fast with a larger learning rate than the
+# series' 2e-5 (which is tuned for fine-tuning a pretrained ModernBERT-base).
+DEMO_DATA = {"n_train": 3000, "n_validation": 500, "n_test": 500, "seed": 0}
+DEMO_COMMON: dict[str, Any] = {
+    "model": {"name": "scratch:tiny"},
+    "data": {"max_length": 128},
+    "train": {"batch_size": 32, "warmup_ratio": 0.1, "seed": 42},
+}
+DEMO_MLM: dict[str, Any] = {"train": {"epochs": 2, "lr": 1e-3}}
+DEMO_CLASSIFY: dict[str, Any] = {"train": {"epochs": 6, "lr": 1e-3}}
+EXAMPLES = [
+    "Axial contrast-enhanced CT of the abdomen showing a liver cyst (arrow).",
+    "Chest radiograph demonstrating a right pneumothorax.",
+    "Sagittal MRI of the lumbar spine.",
+]
+
+
+def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for section, values in part.items():
+            if isinstance(values, dict):
+                out.setdefault(section, {}).update(values)
+            else:
+                out[section] = values
+    return out
+
+
+def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | None = None) -> dict[str, Any]:
+    from radtrain.data.synthetic import write_dataset
+    from radtrain.phase import run_phase
+    from radtrain.predict import Predictor
+
+    root = Path(output_dir)
+    data_dir = root / "data"
+    if not (data_dir / "train.jsonl").is_file():
+        write_dataset(data_dir, **DEMO_DATA)
+    data = {"data": {"source": str(data_dir), "label_names": str(data_dir / "cui_names.json")}}
+    mlm_cfg = load_config(
+        None, overrides, base=_merge(DEMO_COMMON, DEMO_MLM, data, {"output_dir": str(root / "mlm")})
+    )
+    print(f"[demo] phase 1: MLM on {data_dir} -> {mlm_cfg.output_dir}", flush=True)
+    run_phase(mlm_cfg, "mlm")
+    cls_cfg = load_config(
+        None,
+        overrides,
+        base=_merge(
+            DEMO_COMMON, DEMO_CLASSIFY, data,
+            {"output_dir": str(root / "classify"), "model": {"init_from": str(root / "mlm" / "best")}},
+        ),
+    )
+    print(f"[demo] phase 2: classifier from {cls_cfg.model.init_from} -> {cls_cfg.output_dir}", flush=True)
+    summary = run_phase(cls_cfg, "classify")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print("\n[demo] test metrics of best/:")
+        for key, value in (summary.get("test") or {}).items():
+            print(f"  {key:16s} {value:.4f}")
+        predictor = Predictor(root / "classify" / "best")
+        print("\n[demo] example predictions (made-up captions):")
+        for text, result in zip(EXAMPLES, predictor.predict(EXAMPLES), strict=True):
+            found = ", ".join(f"{c['cui']} {c['name'] or ''} ({c['probability']:.2f})" for c in result["cuis"])
+            print(f"  {text}\n    -> {found or 'no CUI above threshold'}")
+        print(f"\n[demo] run directories: {root / 'mlm'}, {root / 'classify'}")
+    return summary

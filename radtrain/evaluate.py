@@ -1,0 +1,58 @@
+"""``radtrain evaluate``: metrics of an export on a split, computed exactly as the run did."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from radtrain.config import ConfigError, RunConfig, load_config
+from radtrain.data.labels import LabelSpace
+from radtrain.data.sources import load_splits
+from radtrain.export import LABELS_FILE, read_meta
+
+
+def export_config(model_dir: Path, source: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """The data settings the export was trained with, so splits and padding match the run."""
+    data = read_meta(model_dir).get("data", {})
+    base: dict[str, Any] = {"data": {k: v for k, v in data.items() if v is not None}}
+    if source:
+        base["data"]["source"] = source
+    return load_config(None, overrides, base=base)
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    source: str | None,
+    split: str = "test",
+    output: str | Path | None = None,
+    overrides: list[str] | None = None,
+    threshold: float | None = None,
+) -> dict[str, float]:
+    from radtrain.distributed import make_accelerator
+    from radtrain.models import load_tokenizer
+    from radtrain.phase import evaluate_export, resolve_precision, tokenize_split
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"--model {model_dir}: not a model directory (no config.json); pass a run's best/")
+    cfg = export_config(model_dir, source, overrides)
+    splits = load_splits(cfg.data)
+    if split not in splits:
+        raise ConfigError(f"split {split!r} not found in {cfg.data.source}; available: {sorted(splits)}")
+    label_space = LabelSpace.load(model_dir / LABELS_FILE)
+    accelerator = make_accelerator(resolve_precision(cfg.train.precision), 1)
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenized = tokenize_split(tokenizer, splits[split], cfg, label_space, split)
+    metrics = evaluate_export(model_dir, tokenized, accelerator, cfg, threshold=threshold)
+    if accelerator.is_main_process:
+        for key, value in metrics.items():
+            print(f"{split}/{key}: {value:.6f}")
+        if output:
+            output = Path(output)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp = output.with_name(output.name + ".tmp")
+            tmp.write_text(json.dumps({"split": split, "model": str(model_dir), **metrics}, indent=1))
+            os.replace(tmp, output)
+    return metrics

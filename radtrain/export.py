@@ -1,0 +1,101 @@
+"""The ``best/`` export: a Hugging Face model directory plus radtrain's own metadata.
+
+``AutoModelForSequenceClassification.from_pretrained(best)`` and
+``pipeline("text-classification", model=best, top_k=None)`` load it as it is. Next to the
+weights: the tokenizer, ``labels.json`` (CUIs, names, training counts), ``thresholds.json`` and
+``radtrain.json`` (the task, the step it came from, and the data settings needed to evaluate it
+exactly as the run did).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from radtrain.checkpoint import fsync_dir
+from radtrain.data.labels import LabelSpace
+
+META_FILE = "radtrain.json"
+THRESHOLDS_FILE = "thresholds.json"
+LABELS_FILE = "labels.json"
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished directory into place; a reader sees the old or the new one, whole.
+
+    Two renames are not one atomic step: if we die between them, ``final.old`` is left and
+    :func:`recover_dir` puts it back on the next start.
+    """
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.exists():
+        os.replace(old, final)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_model(
+    accelerator,
+    model,
+    tokenizer,
+    out_dir: Path,
+    meta: dict[str, Any],
+    label_space: LabelSpace | None = None,
+    thresholds: dict[str, Any] | None = None,
+) -> None:
+    """Collective: every rank must call it. Under ZeRO-3 the full weights are gathered from all
+    ranks (``get_state_dict``), so a rank-0-only call would hang; only rank 0 writes files."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if label_space is not None:
+            label_space.save(tmp / LABELS_FILE)
+        if thresholds is not None:
+            (tmp / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        replace_dir(tmp, out_dir)
+    accelerator.wait_for_everyone()
+
+
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_thresholds(model_dir: str | Path, default: float = 0.5) -> dict[str, Any]:
+    """{'global': float, 'per_label': {cui: float} | None}; 0.5 when the export has none."""
+    path = Path(model_dir) / THRESHOLDS_FILE
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data.setdefault("global", default)
+        data.setdefault("per_label", None)
+        return data
+    return {"global": default, "per_label": None}
+
+
+def write_thresholds(model_dir: str | Path, thresholds: dict[str, Any]) -> None:
+    path = Path(model_dir) / THRESHOLDS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(thresholds, indent=1))
+    os.replace(tmp, path)

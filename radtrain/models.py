@@ -1,0 +1,199 @@
+"""Tokenizers and ModernBERT models: from the Hub, a local directory, or built from scratch.
+
+``scratch:<size>`` builds a ModernBertConfig of that shape and a byte-level BPE tokenizer trained
+on the training texts, so every code path runs offline. Hub ids and local directories go through
+``from_pretrained`` exactly as users run them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    ModernBertForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+from radtrain.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# name: (hidden, layers, heads, intermediate, tokenizer vocab, config vocab, max positions)
+# base/large are the published ModernBERT shapes (vocab 50368); tiny/small are for tests and demos.
+SCRATCH_SHAPES = {
+    "tiny": (128, 2, 4, 256, 4096, 4096, 1024),
+    "small": (256, 4, 4, 512, 8192, 8192, 2048),
+    "base": (768, 22, 12, 1152, 32768, 50368, 8192),
+    "large": (1024, 28, 16, 2624, 32768, 50368, 8192),
+}
+SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+
+
+def train_scratch_tokenizer(texts: list[str], size: str, max_length: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE like ModernBERT's own, trained on the given (training) texts only."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    vocab_size = SCRATCH_SHAPES[size][4]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        model_max_length=SCRATCH_SHAPES[size][6],
+    )
+
+
+def scratch_config(size: str, tokenizer) -> ModernBertConfig:
+    hidden, layers, heads, intermediate, _, config_vocab, max_pos = SCRATCH_SHAPES[size]
+    vocab = max(config_vocab, -(-len(tokenizer) // 64) * 64)
+    return ModernBertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_pos,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+    )
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot load a tokenizer from {source!r}: {exc}. Offline? Run `radtrain prefetch --model {source}` "
+            "where the Hub is reachable, or use model.name=scratch:tiny"
+        ) from exc
+
+
+def max_positions(model_source_config) -> int:
+    return int(getattr(model_source_config, "max_position_embeddings", 512))
+
+
+def check_max_length(max_length: int, config) -> None:
+    limit = max_positions(config)
+    if max_length > limit:
+        raise ConfigError(
+            f"data.max_length={max_length} is above the model's limit of {limit} positions; set data.max_length<={limit}"
+        )
+
+
+def _common_kwargs(cfg: ModelConfig) -> dict:
+    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return kwargs
+
+
+def weights_source(cfg: ModelConfig) -> str | None:
+    """Where pretrained weights come from: init_from, else a Hub id/directory, else None (scratch)."""
+    if cfg.init_from:
+        return cfg.init_from
+    return None if cfg.is_scratch else cfg.name
+
+
+def build_mlm_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
+    source = weights_source(cfg)
+    if source is None:
+        torch.manual_seed(seed)
+        config = scratch_config(cfg.name.split(":", 1)[1], tokenizer)
+        if cfg.attn_implementation:
+            config._attn_implementation = cfg.attn_implementation
+        model = ModernBertForMaskedLM(config)
+    else:
+        model = _from_pretrained(AutoModelForMaskedLM, source, cfg)
+    # Run the decoder only on masked tokens (ModernBERT's sparse prediction): the vocabulary
+    # projection is the largest matmul of the MLM step and ~70% of its positions are unmasked.
+    model.config.sparse_prediction = True
+    model.sparse_prediction = True
+    return model
+
+
+def build_classifier(cfg: ModelConfig, tokenizer, cuis: list[str], seed: int) -> torch.nn.Module:
+    id2label = dict(enumerate(cuis))
+    label2id = {c: i for i, c in id2label.items()}
+    source = weights_source(cfg)
+    extra = {}
+    if cfg.classifier_pooling:
+        extra["classifier_pooling"] = cfg.classifier_pooling
+    if cfg.classifier_dropout is not None:
+        extra["classifier_dropout"] = cfg.classifier_dropout
+    torch.manual_seed(seed)  # the new classification head starts the same on every rank and rerun
+    if source is None:
+        config = scratch_config(cfg.name.split(":", 1)[1], tokenizer)
+        config.num_labels = len(cuis)
+        config.id2label, config.label2id = id2label, label2id
+        config.problem_type = "multi_label_classification"
+        for key, value in extra.items():
+            setattr(config, key, value)
+        if cfg.attn_implementation:
+            config._attn_implementation = cfg.attn_implementation
+        return ModernBertForSequenceClassification(config)
+    return _from_pretrained(
+        AutoModelForSequenceClassification,
+        source,
+        cfg,
+        num_labels=len(cuis),
+        id2label=id2label,
+        label2id=label2id,
+        problem_type="multi_label_classification",
+        # A previous classifier (other labels) or an MLM export: the head is always new.
+        ignore_mismatched_sizes=True,
+        **extra,
+    )
+
+
+def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs) -> torch.nn.Module:
+    try:
+        return auto_cls.from_pretrained(source, dtype=torch.float32, **_common_kwargs(cfg), **kwargs)
+    except OSError as exc:
+        hint = (
+            "Run `radtrain prefetch` where the Hub is reachable"
+            if not Path(source).exists()
+            else "Is it a Hugging Face model directory (config.json + weights)?"
+        )
+        raise ConfigError(f"cannot load model weights from {source!r}: {exc}. {hint}") from exc
+
+
+def source_config(cfg: ModelConfig):
+    """The model config the run will use, for limits (max positions) before building anything."""
+    source = weights_source(cfg)
+    if source is None:
+        return ModernBertConfig(max_position_embeddings=SCRATCH_SHAPES[cfg.name.split(":", 1)[1]][6])
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot load the model config from {source!r}: {exc}. Offline? Run `radtrain prefetch --model "
+            f"{source}` where the Hub is reachable, or use model.name=scratch:tiny"
+        ) from exc

@@ -1,0 +1,148 @@
+"""One task class per objective. The training loop only sees this interface:
+
+- ``prepare(batch, generator)``: turn a collated batch into model inputs (MLM masking lives here);
+- ``num_items(batch)``: how many loss terms the batch contributes (masked tokens, label cells);
+- ``loss_sum(model, batch)``: the *summed* loss, so the loop can normalise by the number of items
+  in the whole global batch (exact gradient accumulation across micro-batches and ranks);
+- ``eval_step`` / ``finish_eval``: per-batch tensors to gather, then metrics from all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from radtrain.metrics import multilabel_metrics
+
+
+@dataclass
+class MLMTask:
+    """Masked-language modelling (phase 1): ModernBERT's 30% masking, 80/10/10 replacement."""
+
+    mask_token_id: int
+    vocab_size: int
+    special_ids: list[int]
+    mlm_probability: float = 0.3
+    name: str = "mlm"
+    default_metric: str = "loss"
+
+    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        # Masks are drawn on the CPU from a generator seeded per micro-batch, so they do not depend
+        # on the device, the number of ranks or on where a resumed run picked up.
+        input_ids = batch["input_ids"].clone()
+        attention = batch["attention_mask"]
+        probability = torch.full(input_ids.shape, self.mlm_probability)
+        special = torch.isin(input_ids, torch.tensor(self.special_ids)) | (attention == 0)
+        probability.masked_fill_(special, 0.0)
+        masked = torch.bernoulli(probability, generator=generator).bool()
+        labels = torch.where(masked, input_ids, torch.full_like(input_ids, -100))
+        replace = torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=generator).bool() & masked
+        input_ids[replace] = self.mask_token_id
+        randomize = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool() & masked & ~replace
+        input_ids[randomize] = torch.randint(self.vocab_size, input_ids.shape, generator=generator)[randomize]
+        return {**batch, "input_ids": input_ids, "labels": labels}
+
+    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # num_items_in_batch=1 makes transformers' MLM loss a plain sum over masked tokens.
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            num_items_in_batch=1,
+        )
+        return out.loss
+
+    @torch.no_grad()
+    def eval_step(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels = batch["labels"]
+        keep = batch["index"] >= 0  # filler rows (evaluation padding) count for nothing
+        labels = torch.where(keep[:, None], labels, torch.full_like(labels, -100))
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        logits = out.logits.float()
+        target = labels.view(-1)
+        if logits.shape[0] != target.shape[0]:  # sparse prediction: logits only for masked tokens
+            target = target[target != -100]
+        else:
+            logits, target = logits[target != -100], target[target != -100]
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        correct = (logits.argmax(-1) == target).sum()
+        return {"sums": torch.stack([loss, correct.float(), torch.tensor(float(target.numel()), device=loss.device)])}
+
+    def finish_eval(self, gathered: dict[str, np.ndarray]) -> dict[str, float]:
+        loss_sum, correct, count = gathered["sums"].reshape(-1, 3).sum(0)
+        loss = float(loss_sum / max(count, 1))
+        return {
+            "loss": loss,
+            "perplexity": float(math.exp(min(loss, 50.0))),
+            "accuracy": float(correct / max(count, 1)),
+            "masked_tokens": int(count),
+        }
+
+
+@dataclass
+class MultiLabelTask:
+    """Multi-label CUI classification (phase 2): BCE with logits, sigmoid at a threshold."""
+
+    num_labels: int
+    threshold: float = 0.5
+    pos_weight: float | None = None
+    name: str = "classify"
+    default_metric: str = "f1"
+    _pos_weight_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return batch
+
+    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
+        # The seed's BCEWithLogitsLoss averages over every (caption, label) cell.
+        return int(batch["labels"].numel())
+
+    def _bce_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pos_weight = None
+        if self.pos_weight is not None:
+            pos_weight = torch.full((logits.shape[-1],), self.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(
+            logits.float(), labels.float(), pos_weight=pos_weight, reduction="sum"
+        )
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self._bce_sum(logits, batch["labels"])
+
+    @torch.no_grad()
+    def eval_step(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        keep = (batch["index"] >= 0).float()
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), reduction="none").mean(-1) * keep
+        ).sum()
+        return {
+            "index": batch["index"],
+            "probs": torch.sigmoid(logits),
+            "labels": batch["labels"],
+            "sums": torch.stack([loss, keep.sum()]),
+        }
+
+    def finish_eval(self, gathered: dict[str, np.ndarray]) -> dict[str, float]:
+        index = gathered["index"]
+        keep = index >= 0
+        probs = gathered["probs"][keep]
+        labels = gathered["labels"][keep]
+        loss_sum, count = gathered["sums"].reshape(-1, 2).sum(0)
+        metrics = multilabel_metrics(labels, probs >= self.threshold)
+        metrics["loss"] = float(loss_sum / max(count, 1))
+        return metrics
+
+    @staticmethod
+    def ordered_outputs(gathered: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index, probs, labels) of real rows, sorted by caption index (for threshold tuning, reports)."""
+        keep = gathered["index"] >= 0
+        order = np.argsort(gathered["index"][keep], kind="stable")
+        return gathered["index"][keep][order], gathered["probs"][keep][order], gathered["labels"][keep][order]

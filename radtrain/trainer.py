@@ -1,0 +1,430 @@
+"""One training loop for every task and every launcher (one CPU, DDP, DeepSpeed ZeRO, SLURM).
+
+The loop decides batch composition, gradient accumulation, clipping, the schedule, evaluation,
+checkpointing and resume; the task decides the model inputs, the loss and the metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from radtrain.checkpoint import CheckpointInfo, CheckpointManager, TrainerState
+from radtrain.config import RunConfig
+from radtrain.data.batching import collate, eval_plan, plan_epoch, rank_slice
+from radtrain.data.tokens import TokenizedSplit
+from radtrain.metrics import is_better
+
+log = logging.getLogger(__name__)
+
+EXIT_RESUME = 75  # EX_TEMPFAIL: "stopped cleanly on a signal, start me again to resume"
+
+
+class ResumeRequested(RuntimeError):
+    """A stop signal arrived; a checkpoint was saved and the run should be started again."""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _generator(*seed_parts: int) -> torch.Generator:
+    seed = int(np.random.SeedSequence([abs(int(p)) for p in seed_parts]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    # As the HF Trainer the series used: no weight decay on biases and normalisation weights.
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        eps=cfg.train.adam_eps,
+        fused=torch.cuda.is_available() or None,
+    )
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StopFlag:
+    """Remembers SIGTERM/SIGINT/SIGUSR1/SIGUSR2 until the next step boundary."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. a test runner thread)
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, handler)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        cfg: RunConfig,
+        task,
+        accelerator,
+        model,
+        train_split: TokenizedSplit,
+        eval_split: TokenizedSplit,
+        pad_id: int,
+        run_dir: Path,
+        fingerprint: str,
+        on_best: Callable[[object, TrainerState, dict], None],
+        tracker=None,
+    ) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.acc = accelerator
+        self.train_split = train_split
+        self.eval_split = eval_split
+        self.pad_id = pad_id
+        self.run_dir = Path(run_dir)
+        self.on_best = on_best
+        self.tracker = tracker
+        self.metric = cfg.train.metric_for_best if task.name == "classify" else task.default_metric
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.global_batch = cfg.train.batch_size * self.world
+        self.lengths = train_split.lengths
+        self.micro_per_epoch = sum(
+            1 for b in self._global_plan(0) if len(b) >= self.world
+        )
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.train.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training split ({len(train_split)} captions) is smaller than one global batch "
+                f"across {self.world} processes"
+            )
+        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
+        self.ckpt = CheckpointManager(self.run_dir, fingerprint, self.world, cfg.train.save_total_limit)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * self.total_steps), self.total_steps)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.state = TrainerState()
+        self.stop = StopFlag()
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _global_plan(self, epoch: int) -> list[np.ndarray]:
+        return plan_epoch(
+            self.lengths,
+            self.global_batch,
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            bucket=self.cfg.data.bucket_by_length,
+        )
+
+    def _collate(self, split: TokenizedSplit, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        data = self.cfg.data
+        return collate(
+            split,
+            indices,
+            self.pad_id,
+            pad_to_multiple_of=data.pad_to_multiple_of,
+            pad_to_length=data.max_length if data.padding == "max_length" else None,
+        )
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def resume(self) -> CheckpointInfo | None:
+        """Continue from the newest complete checkpoint of this run directory, if any."""
+        for info in self.ckpt.complete_checkpoints():
+            self.ckpt.check_compatible(info)
+            try:
+                self.acc.load_state(str(info.path))
+                self.state = self.ckpt.load_state(info)
+            except Exception as exc:  # a checkpoint that validates but does not load: try the previous
+                log.warning("checkpoint %s could not be loaded (%s); trying the previous one", info.path, exc)
+                continue
+            self._truncate_logs(self.state.global_step)
+            log.info(
+                "resumed from %s (step %d, epoch %d, batch %d of the epoch)",
+                info.path, self.state.global_step, self.state.epoch, self.state.micro_batches_done,
+            )
+            return info
+        return None
+
+    def _truncate_logs(self, step: int) -> None:
+        """Rows written after the checkpoint we resume from would be written again: drop them."""
+        if not self.acc.is_main_process:
+            return
+        for name in ("metrics.jsonl", "train_log.jsonl"):
+            path = self.run_dir / name
+            if not path.is_file():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a kill
+                if row.get("step", 0) <= step:
+                    kept.append(line)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, path)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        mean_len = float(self.lengths.mean()) if len(self.lengths) else 0.0
+        return {
+            "processes": self.world,
+            "per_device_batch": self.cfg.train.batch_size,
+            "grad_accum": self.cfg.train.grad_accum,
+            "global_batch": self.global_batch * self.cfg.train.grad_accum,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "train_captions": len(self.train_split),
+            "mean_caption_tokens": round(mean_len, 1),
+            "real_tokens_per_step": round(mean_len * self.global_batch * self.cfg.train.grad_accum),
+        }
+
+    def train(self) -> TrainerState:
+        info = self.describe()
+        if self.acc.is_main_process:
+            print(
+                f"[radtrain] {self.task.name}: {info['processes']} process(es) x batch {info['per_device_batch']} "
+                f"x accum {info['grad_accum']} = global batch {info['global_batch']}; "
+                f"{info['steps_per_epoch']} steps/epoch, {info['total_steps']} steps; "
+                f"~{info['real_tokens_per_step']} real tokens/step (mean {info['mean_caption_tokens']} tokens/caption)",
+                flush=True,
+            )
+        self.stop.install()
+        progress = None
+        if self.acc.is_main_process and os.environ.get("RADTRAIN_PROGRESS", "1") != "0":
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.state.global_step, desc=self.task.name, leave=False)
+        try:
+            self._loop(progress)
+        finally:
+            self.stop.restore()
+            if progress is not None:
+                progress.close()
+        return self.state
+
+    def _loop(self, progress) -> None:
+        st, cfg = self.state, self.cfg
+        accum = cfg.train.grad_accum
+        window_loss, window_items, window_t0 = 0.0, 0, time.perf_counter()
+        last_eval_step = st.history[-1]["step"] if st.history else -1
+        while st.global_step < self.total_steps:
+            plan = [b for b in self._global_plan(st.epoch) if len(b) >= self.world]
+            mine = [rank_slice(b, self.rank, self.world) for b in plan]
+            group_start = st.micro_batches_done
+            while group_start < len(mine) and st.global_step < self.total_steps:
+                group = list(range(group_start, min(group_start + accum, len(mine))))
+                t0 = time.perf_counter()
+                loss_sum, items = self._step(st.epoch, group, mine)
+                st.micro_batches_done = group[-1] + 1
+                st.train_time_s += time.perf_counter() - t0
+                for g in group:
+                    st.captions_seen += len(plan[g])
+                    st.tokens_seen += int(self.lengths[plan[g]].sum())
+                group_start = st.micro_batches_done
+                window_loss += loss_sum
+                window_items += items
+                if progress is not None:
+                    progress.update(1)
+                if st.global_step % cfg.train.log_every_steps == 0 and window_items:
+                    elapsed = time.perf_counter() - window_t0
+                    self._log_train(window_loss / window_items, elapsed)
+                    window_loss, window_items, window_t0 = 0.0, 0, time.perf_counter()
+                epoch_done = st.micro_batches_done >= len(mine)
+                if epoch_done:
+                    st.epoch += 1
+                    st.micro_batches_done = 0
+                due = (
+                    epoch_done
+                    or (cfg.train.eval_every_steps and st.global_step % cfg.train.eval_every_steps == 0)
+                    or st.global_step >= self.total_steps
+                )
+                if due and st.global_step != last_eval_step:
+                    self._evaluate_and_save()
+                    last_eval_step = st.global_step
+                elif cfg.train.save_every_steps and st.global_step % cfg.train.save_every_steps == 0:
+                    self.ckpt.save(self.acc, st)
+                if self.stop_requested:
+                    self.ckpt.save(self.acc, st)
+                    raise ResumeRequested(
+                        f"stopped on signal {self.stop.signum} at step {st.global_step}; checkpoint saved"
+                    )
+
+    def _step(self, epoch: int, group: list[int], mine: list[np.ndarray]) -> tuple[float, int]:
+        """One optimizer step over `group` micro-batches. Returns (summed loss, items) on this rank."""
+        cfg, st = self.cfg, self.state
+        batches = []
+        for g in group:
+            batch = self._collate(self.train_split, mine[g])
+            batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, g, self.rank))
+            batches.append(self._to_device(batch))
+        local_items = sum(self.task.num_items(b) for b in batches)
+        # The loss is normalised by the items of the whole global batch (all micro-batches, all
+        # ranks) so that accumulation and the process count do not change the gradient. One
+        # all-reduce of a scalar per optimizer step.
+        global_items = int(self.acc.reduce(torch.tensor(float(local_items), device=self.acc.device), "sum").item())
+        # accelerate divides by grad_accum (DeepSpeed by its own GAS, the same number) and DDP
+        # averages over ranks; undo both so the result is sum(loss) / global_items.
+        scale = self.world * self.acc.gradient_accumulation_steps / max(global_items, 1)
+        total = torch.zeros((), device=self.acc.device)
+        self.model.train()
+        for j, batch in enumerate(batches):
+            last = j == len(batches) - 1
+            self.acc.sync_gradients = last
+            context = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            with context:
+                loss_sum = self.task.loss_sum(self.model, batch)
+                self.acc.backward(loss_sum * scale)
+            total += loss_sum.detach().float()
+        grad_norm = None
+        if cfg.train.max_grad_norm > 0:
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+        # This .item() is a CPU-GPU sync point, once per optimizer step: it carries the loss for
+        # logging, the non-finite check and the stop signal, so all ranks decide together.
+        device = self.acc.device
+        bad_norm = torch.zeros((), device=device)
+        if grad_norm is not None:
+            bad_norm = (~torch.isfinite(torch.as_tensor(grad_norm, device=device, dtype=torch.float32))).float()
+        stop = torch.tensor(float(self.stop.signum is not None), device=device)
+        flags = torch.stack([total, stop, bad_norm])
+        flags = self.acc.reduce(flags, "sum").cpu()
+        loss_total, stop, bad_norm = float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0)
+        self._stop_agreed = stop
+        if not math.isfinite(loss_total) or bad_norm:
+            self.optimizer.zero_grad(set_to_none=True)
+            st.nan_steps_skipped += 1
+            st.consecutive_nan_steps += 1
+            log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)",
+                        st.global_step, st.consecutive_nan_steps)
+            if st.consecutive_nan_steps >= cfg.train.max_nan_steps:
+                raise NonFiniteLossError(
+                    f"{st.consecutive_nan_steps} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(train.max_nan_steps={cfg.train.max_nan_steps}). The last good checkpoint is kept in "
+                    f"{self.ckpt.root}. Lower train.lr, check the data, or use train.precision=fp32."
+                )
+            st.global_step += 1  # the schedule advances: a skipped step is still a step
+            self.scheduler.step()
+            return 0.0, 0
+        st.consecutive_nan_steps = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.global_step += 1
+        return loss_total / self.world, global_items // self.world
+
+    @property
+    def stop_requested(self) -> bool:
+        return getattr(self, "_stop_agreed", False)
+
+    def _log_train(self, loss: float, elapsed: float) -> None:
+        st = self.state
+        row = {
+            "step": st.global_step,
+            "epoch": round(st.epoch + st.micro_batches_done / max(1, self.micro_per_epoch), 4),
+            "train_loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "captions_per_s": st.captions_seen / max(st.train_time_s, 1e-9),
+            "tokens_per_s": st.tokens_seen / max(st.train_time_s, 1e-9),
+        }
+        if self.acc.is_main_process:
+            with open(self.run_dir / "train_log.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            if self.tracker is not None:
+                self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=st.global_step)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, split: TokenizedSplit) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        return evaluate_split(
+            self.task, self.model, self.acc, split, self._collate,
+            self.cfg.train.eval_batch_size or self.cfg.train.batch_size, self.cfg.train.seed,
+        )
+
+    def _evaluate_and_save(self) -> None:
+        st = self.state
+        metrics, gathered = self.evaluate(self.eval_split)
+        epoch = round(st.epoch + st.micro_batches_done / max(1, self.micro_per_epoch), 4)
+        row = {"step": st.global_step, "epoch": epoch, **metrics}
+        value = metrics[self.metric]
+        improved = is_better(self.metric, value, st.best_metric)
+        if improved:
+            st.best_metric, st.best_step, st.best_epoch = value, st.global_step, epoch
+        st.history.append(row)
+        if self.acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"[radtrain] eval step {st.global_step} epoch {epoch}: {shown}{' *' if improved else ''}", flush=True)
+            if self.tracker is not None:
+                self.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=st.global_step)
+        if improved:
+            self.on_best(self.model, st, gathered)
+        self.ckpt.save(self.acc, st)
+
+
+def evaluate_split(
+    task, model, accelerator, split: TokenizedSplit, collate_fn, batch_size: int, seed: int
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Evaluate on every rank (same number of forward passes each), gather, compute metrics."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    model.eval()
+    outputs: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for b, indices in enumerate(eval_plan(len(split), split.lengths, batch_size, world, rank)):
+        batch = collate_fn(split, indices)
+        # Evaluation masks (MLM) are fixed: the same captions get the same masks at every evaluation.
+        batch = task.prepare(batch, _generator(seed, 1_000_003, b * world + rank))
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        for key, value in task.eval_step(model, batch).items():
+            outputs[key].append(value.detach().float() if value.is_floating_point() else value.detach())
+    gathered = {k: accelerator.gather(torch.cat(v)).cpu().numpy() for k, v in outputs.items()}
+    return task.finish_eval(gathered), gathered
+
+
+__all__ = ["Trainer", "TrainerState", "ResumeRequested", "EXIT_RESUME", "evaluate_split", "asdict"]

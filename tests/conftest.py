@@ -1,0 +1,66 @@
+"""Shared fixtures: the real ROCO captions from ../shared/data, small slices of them, and the
+overrides that make a scratch tiny ModernBERT learn something in seconds on a CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROCO = REPO.parent / "shared" / "data" / "roco_v1_radiology.jsonl"
+
+# Fast, learnable settings for a scratch tiny model on a few hundred captions.
+TINY = [
+    "model.name=scratch:tiny",
+    "train.lr=1e-3",
+    "train.batch_size=16",
+    "train.warmup_ratio=0.1",
+    "data.max_length=96",
+    "data.min_label_count=5",
+]
+
+
+@pytest.fixture(scope="session")
+def roco_path() -> Path:
+    if not ROCO.is_file():
+        pytest.fail(f"the shared real captions are missing: {ROCO}")
+    return ROCO
+
+
+def write_roco_slice(path: Path, n: int, start: int = 0) -> Path:
+    with ROCO.open(encoding="utf-8") as src:
+        lines = [line for i, line in enumerate(src) if start <= i < start + n]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def roco_dir(tmp_path_factory, roco_path) -> Path:
+    """A directory of real captions split into train/validation/test jsonl files (600/150/150)."""
+    root = tmp_path_factory.mktemp("roco")
+    rows = [json.loads(line) for line in roco_path.read_text(encoding="utf-8").splitlines()[:900]]
+    for name, part in (("train", rows[:600]), ("validation", rows[600:750]), ("test", rows[750:900])):
+        with (root / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+            for row in part:
+                handle.write(json.dumps(row) + "\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    monkeypatch.setenv("RADTRAIN_PROGRESS", "0")
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RADTRAIN_PROGRESS": "0", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable

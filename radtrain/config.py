@@ -105,7 +105,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 20
+    epochs: float = 20.0
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs for the schedule)."""
     batch_size: int = 8
@@ -133,11 +133,27 @@ class TrainConfig:
     max_nan_steps: int = 5
     """Consecutive non-finite losses tolerated (steps skipped) before the run stops."""
     num_workers: int = 0
-    pos_weight: float | None = None
-    """Multiply BCE positive terms by this (imbalance); None is the series' plain BCE."""
+    pos_weight: float | str | None = None
+    """Imbalance: None is the series' plain BCE; a number multiplies every label's positive term;
+    'auto' uses each label's training negatives/positives ratio, capped at train.pos_weight_cap."""
+    pos_weight_cap: float = 10.0
+    """Upper bound of the 'auto' pos_weight: uncapped, a CUI seen 10 times in 6k captions gets ~600."""
+    loss: str = "bce"
+    """'bce' (the series) or 'asl' (asymmetric loss, Ridnik et al. 2021: down-weights easy negatives)."""
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 1.0
+    asl_clip: float = 0.05
+    """ASL probability margin: negatives with p < asl_clip contribute no loss."""
+    tune_thresholds: bool = True
+    """Tune a global and per-label thresholds on the validation outputs of each new best model."""
+    threshold_min_support: int = 5
+    """Per-label thresholds only for labels with this many validation positives (else the global)."""
+    always_top1: bool = False
+    """Always emit each caption's most probable label, whatever the thresholds (ImageCLEF style)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        self.epochs = float(self.epochs)  # 20 and 20.0 must fingerprint the same for resume
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be positive or null")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
@@ -150,6 +166,16 @@ class TrainConfig:
         _check(self.save_total_limit >= 1, "train.save_total_limit must be >= 1")
         _check(0.0 < self.threshold < 1.0, "train.threshold must be in (0, 1)")
         _check(self.max_nan_steps >= 1, "train.max_nan_steps must be >= 1")
+        _check(
+            self.pos_weight is None or self.pos_weight == "auto"
+            or (isinstance(self.pos_weight, float) and self.pos_weight > 0),
+            f"train.pos_weight must be a positive number, 'auto' or null, got {self.pos_weight!r}",
+        )
+        _check(self.pos_weight_cap >= 1, "train.pos_weight_cap must be >= 1")
+        _check(self.loss in ("bce", "asl"), f"train.loss must be 'bce' or 'asl', got {self.loss!r}")
+        _check(self.asl_gamma_neg >= 0 and self.asl_gamma_pos >= 0, "train.asl_gamma_neg/pos must be >= 0")
+        _check(0 <= self.asl_clip < 1, "train.asl_clip must be in [0, 1)")
+        _check(self.threshold_min_support >= 1, "train.threshold_min_support must be >= 1")
         for name in ("eval_every_steps", "save_every_steps"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"train.{name} must be positive or null")

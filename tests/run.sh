@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The project's test command (README line 2, and what CI runs): install what the tests need,
+# start the local one-node SLURM for the `slurm` tests, then run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# torch first, as its own step: the CPU wheel on CI machines (a cluster gets its CUDA build from
+# the same pin), and an already installed torch is kept rather than replaced.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+# --no-build-isolation: deepspeed ships as an sdist whose build imports torch; an isolated build
+# environment would download a second, multi-GB torch just to build it.
+python -m pip install -q setuptools wheel
+python -m pip install -q --no-build-isolation -e ".[dev]"
+
+if ! bash slurm/local/start.sh; then
+  echo "WARNING: the local SLURM did not start: tests marked 'slurm' will be SKIPPED" >&2
+fi
+
+export TOKENIZERS_PARALLELISM=false WANDB_MODE=offline HF_HUB_OFFLINE=1
+exec python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,256 @@
+"""`radtrain submit`: the job file -> members, sbatch scripts and dependency graph (no SLURM needed).
+
+The sbatch text is what submitit will submit (rendered by submitit's own function); it is compared
+with reviewed files in tests/expected/ after replacing the pipeline root and the Python path.
+Regenerate them after an intended change with RADTRAIN_UPDATE_EXPECTED=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, REPO, subprocess_env
+
+from radtrain.cli import main
+
+EXPECTED = REPO / "tests" / "expected"
+
+
+def _submit(capsys, *args: str) -> tuple[int, str, str]:
+    old = os.getcwd()
+    os.chdir(REPO)  # job files name repo-relative paths (accelerate configs), as a user would run it
+    try:
+        rc = main(["submit", *args])
+    finally:
+        os.chdir(old)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _scripts(text: str) -> dict[str, str]:
+    parts = re.split(r"^----- sbatch script: (\w+) -----$", text, flags=re.M)
+    scripts = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        scripts[name] = body.split("(dry run: nothing submitted)")[0].strip() + "\n"
+    return scripts
+
+
+def _normalise(text: str, root: Path) -> str:
+    return text.replace(str(root), "<ROOT>").replace(sys.executable, "<PYTHON>")
+
+
+def _check_expected(name: str, text: str) -> None:
+    path = EXPECTED / name
+    if os.environ.get("RADTRAIN_UPDATE_EXPECTED") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.is_file(), f"{path} missing (RADTRAIN_UPDATE_EXPECTED=1 writes it)"
+    assert text == path.read_text(), f"sbatch text differs from {path}:\n{text}"
+
+
+def test_demo_sbatch_scripts_match_expected(tmp_path, capsys):
+    root = tmp_path / "pipe"
+    rc, out, _ = _submit(capsys, "jobs/demo.yaml", "--dry-run", f"output_dir={root}")
+    assert rc == 0
+    scripts = _scripts(out)
+    assert sorted(scripts) == ["classify", "mlm", "select"]
+    for name, text in scripts.items():
+        _check_expected(f"demo_{name}.sbatch", _normalise(text, root))
+    # The parts that matter, spelled out (the expected files pin the rest).
+    mlm, classify, select = scripts["mlm"], scripts["classify"], scripts["select"]
+    assert "#SBATCH --array=0-1%2" in mlm and "--dependency" not in mlm
+    assert "#SBATCH --dependency='afterok:<mlm job id>'" in classify and "#SBATCH --array=0-1%2" in classify
+    assert "#SBATCH --dependency='afterok:<classify job id>'" in select and "--array" not in select
+    for text in scripts.values():
+        assert "#SBATCH --signal=USR2@60" in text
+        assert "#SBATCH --requeue" in text and "#SBATCH --open-mode=append" in text
+    # Members never share a log file: one folder per array task, one file per rank.
+    assert f"--output={root}/logs/%A_%a/%A_%a_0_log.out" in mlm
+    assert f"--output {root}/logs/%A_%a/%A_%a_%t_log.out" in mlm
+    assert not (root / "data").exists(), "a dry run must not write anything"
+
+
+def test_large_job_asks_for_nodes_gpus_and_time(tmp_path, capsys):
+    root = tmp_path / "large"
+    rc, out, _ = _submit(capsys, "jobs/rocov2_large.yaml", "--dry-run", f"output_dir={root}")
+    assert rc == 0
+    scripts = _scripts(out)
+    for name, text in scripts.items():
+        _check_expected(f"rocov2_large_{name}.sbatch", _normalise(text, root))
+    mlm = scripts["mlm"]
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--time=720",
+        "--signal=USR2@300",
+        "--array=0-1%2",
+        "--partition=gpu",
+    ):
+        assert f"#SBATCH {line}" in mlm
+    assert "#SBATCH --array=0-3%4" in scripts["classify"]  # 2 lr x 2 seeds
+    assert (
+        "#SBATCH --gpus-per-node=1" in scripts["select"]
+        and "#SBATCH --ntasks-per-node=1" in scripts["select"]
+    )
+    # The DeepSpeed config reaches every training rank as accelerate launch's variables.
+    assert "ACCELERATE_USE_DEEPSPEED=true" in out
+    ds = re.search(r"ACCELERATE_DEEPSPEED_CONFIG_FILE=(\S+)", out).group(1)
+    assert (
+        Path(ds).is_absolute()
+        and Path(ds).is_file()
+        and json.loads(Path(ds).read_text())["zero_optimization"]["stage"] == 3
+    )
+    assert "HF_HUB_OFFLINE=1" in out
+
+
+def test_members_run_dirs_and_init_from(tmp_path, capsys):
+    root = tmp_path / "p"
+    rc, out, _ = _submit(
+        capsys,
+        "jobs/demo.yaml",
+        "--dry-run",
+        f"output_dir={root}",
+        "mlm.sweep.train.seed=[1,2,3]",
+        "mlm.sweep.train.lr=[1e-3,3e-3]",
+    )
+    assert rc == 0
+    assert "mlm      job <mlm job id> (array 0-5)" in out
+    assert "[5] m5_seed3_lr0.003: train.seed=3 train.lr=0.003" in out
+    # init_from: own -> classifier member i from MLM member i.
+    assert f"[5] m5_seed3_lr0.003: (no sweep) init_from={root}/mlm/m5_seed3_lr0.003/best" in out
+    assert f"run dir {root}/classify/m5_seed3_lr0.003" in out
+
+    rc, out, _ = _submit(
+        capsys,
+        "jobs/demo.yaml",
+        "--dry-run",
+        f"output_dir={root}",
+        "classify.init_from=best",
+        "classify.sweep.train.lr=[1e-3,2e-3,3e-3]",
+        "select=null",
+    )
+    assert rc == 0
+    assert "classify job <classify job id> (array 0-2, afterok:<mlm job id>)" in out
+    assert out.count("init_from=best MLM member by validation loss") == 3
+    assert "select" not in _scripts(out)
+
+
+def test_job_file_mistakes_fail_before_anything_is_queued(tmp_path, capsys):
+    rc, _, err = _submit(
+        capsys, "jobs/demo.yaml", "--dry-run", f"output_dir={tmp_path}", "mlm.sweep.train.lrr=[1]"
+    )
+    assert rc == 2 and "train.lrr" in err
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", "classfy.train.lr=1")
+    assert rc == 2 and "classfy" in err
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", "mlm=null")
+    assert rc == 2 and "classify.init_from=own needs an mlm section" in err
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", "classify.resources.tasks_per_node=0")
+    assert rc == 2 and "tasks_per_node" in err
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", "mlm.accelerate_config=nope.yaml")
+    assert rc == 2 and "nope.yaml does not exist" in err
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", "classify.init_from=bset")
+    assert rc == 2 and "classify.init_from='bset'" in err
+    rc, _, err = _submit(capsys, "jobs/missing.yaml", "--dry-run")
+    assert rc == 2 and "does not exist" in err
+
+
+def test_classifier_only_job_from_an_existing_export(tmp_path, capsys):
+    export = tmp_path / "mlm_best"
+    export.mkdir()
+    rc, out, _ = _submit(
+        capsys,
+        "jobs/demo.yaml",
+        "--dry-run",
+        f"output_dir={tmp_path / 'p'}",
+        "mlm=null",
+        f"classify.init_from={export}",
+        "classify.sweep.train.seed=[1,2]",
+    )
+    assert rc == 0, out
+    scripts = _scripts(out)
+    assert sorted(scripts) == ["classify", "select"]
+    assert "--dependency" not in scripts["classify"]
+    assert out.count(f"init_from={export}") == 2
+
+
+@pytest.mark.slow
+def test_accelerate_env_is_what_accelerate_launch_sets(tmp_path):
+    """The variables a submitit rank gets from an accelerate YAML equal those `accelerate launch`
+    itself gives its processes (DeepSpeed ZeRO-3 on 2 CPU processes, launched for real)."""
+    from radtrain.cluster import accelerate_env
+
+    config = "accelerate_configs/deepspeed_zero3_cpu.yaml"
+    dump = tmp_path / "env.py"
+    dump.write_text(
+        "import json, os, sys\n"
+        "rank = os.environ['RANK']\n"
+        "keys = {k: v for k, v in os.environ.items() if k.startswith(('ACCELERATE_', 'FSDP_'))}\n"
+        "open(sys.argv[1] + '.' + rank, 'w').write(json.dumps(keys))\n"
+    )
+    out = tmp_path / "launched"
+    res = subprocess.run(
+        [PYTHON, "-m", "accelerate.commands.launch", "--config_file", config, str(dump), str(out)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    launched = json.loads(Path(f"{out}.0").read_text())
+    assert json.loads(Path(f"{out}.1").read_text()) == launched
+
+    old = os.getcwd()
+    os.chdir(REPO)
+    try:
+        ours = accelerate_env(config)
+    finally:
+        os.chdir(old)
+    # accelerate launch passes the JSON path as written (relative to the launch directory).
+    launched["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(
+        (REPO / launched["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).resolve()
+    )
+    assert ours == launched
+    assert ours["ACCELERATE_USE_DEEPSPEED"] == "true" and ours["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "false"
+
+
+def test_requeue_cap_is_the_job_files_max_requeues(monkeypatch):
+    """submitit's signal handler asks checkpoint() how to rerun a member: itself (it resumes from its
+    run dir) until SLURM_RESTART_COUNT reaches max_requeues, then None (no requeue: the job fails)."""
+    from submitit.core.utils import DelayedSubmission
+
+    from radtrain.cluster import MemberJob
+
+    job = MemberJob("mlm", "m0", {"output_dir": "x"}, {}, max_requeues=2)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    again = job.checkpoint()
+    assert isinstance(again, DelayedSubmission) and again.function is job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert job.checkpoint() is not None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert job.checkpoint() is None
+
+
+def test_plain_sbatch_scripts_share_one_launch_block():
+    """slurm/mlm.sbatch and slurm/classify.sbatch differ only in their header and PHASE (each must be
+    self-contained: sbatch copies the script to the node's spool directory)."""
+    marker = "# ---- identical in mlm.sbatch and classify.sbatch from here on ----"
+    texts = {name: (REPO / "slurm" / f"{name}.sbatch").read_text() for name in ("mlm", "classify")}
+    assert texts["mlm"].split(marker)[1] == texts["classify"].split(marker)[1]
+    for name, text in texts.items():
+        assert f"PHASE={name}\n" in text
+        for directive in ("--signal=B:USR2@", "--requeue", "--open-mode=append", "--ntasks-per-node=1"):
+            assert f"#SBATCH {directive}" in text, (name, directive)
+        assert '--machine_rank "$SLURM_NODEID"' in text and "scontrol show hostnames" in text
+    for script in ("mlm.sbatch", "classify.sbatch", "pipeline.sh"):
+        res = subprocess.run(
+            ["bash", "-n", str(REPO / "slurm" / script)], capture_output=True, text=True, timeout=30
+        )
+        assert res.returncode == 0, res.stderr

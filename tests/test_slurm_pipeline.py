@@ -1,0 +1,330 @@
+"""The SLURM pipeline on a real one-node SLURM (slurm/local/start.sh): `radtrain submit` with
+submitit, and the plain sbatch scripts.
+
+One demo-sized submitit pipeline runs once for the module (~3 min on 2 cores): an MLM array of 2
+(seeds 1 and 2), a classifier array of 2 identical members ("twins": same settings, both from the
+best MLM export, each 2 CPU ranks over gloo under DeepSpeed ZeRO-2), and the selection job with a
+recording Hub client. While it runs, the fixture preempts twin 1 after its first checkpoint with
+the signal submitit and SLURM use (USR2): it must save, requeue itself, resume, and end with
+exactly twin 0's metrics. The tests then read what the jobs left: run directories, their
+slurm_events.jsonl (start/end times per run of a job), logs, selection.json.
+
+Skipped (with the reason) only when sinfo does not answer; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, REPO, subprocess_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+CMD_TIMEOUT_S = 60
+PIPELINE_TIMEOUT_S = 480  # measured ~3.5 min on 2 busy cores (the requeue alone waits ~35-70 s)
+PLAIN_TIMEOUT_S = 300
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+TWIN_OVERRIDES = [
+    "classify.init_from=best",
+    "classify.sweep=[{tracking.run_name: a}, {tracking.run_name: b}]",  # identical maths, two run dirs
+    "classify.resources.tasks_per_node=2",
+    "classify.accelerate_config=accelerate_configs/deepspeed_zero2_cpu.yaml",
+    "classify.train.epochs=3",
+    "classify.train.save_every_steps=2",
+    "hub.repo_id=radtrain-ci/demo-selected",
+]
+
+
+def _run(args: list[str], timeout: float = CMD_TIMEOUT_S, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster() -> None:
+    if shutil.which("sinfo") is None:
+        pytest.skip("sinfo not found: no SLURM client here (CI starts one with slurm/local/start.sh)")
+    try:
+        res = _run(["sinfo", "-h", "-o", "%P %T"], timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.skip("sinfo did not answer within 15 s: slurmctld not running (run slurm/local/start.sh)")
+    if res.returncode != 0 or not res.stdout.strip():
+        pytest.skip(
+            f"sinfo does not respond (rc={res.returncode}): {res.stderr.strip()} -- run slurm/local/start.sh"
+        )
+
+
+def _jobs_state(job_ids: list[str]) -> list[dict[str, str]]:
+    rows = []
+    for job in job_ids:
+        out = _run(["scontrol", "show", "job", "-o", job]).stdout
+        rows += [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.strip()]
+    return rows
+
+
+def _cancel(job_ids: list[str]) -> None:
+    for job in job_ids:
+        _run(["scancel", job])
+
+
+def _logs(root: Path, limit: int = 3000) -> str:
+    parts = []
+    for path in sorted(root.glob("logs/**/*_log.*")) + sorted(root.glob("logs/*.out")):
+        text = path.read_text(errors="replace")
+        parts.append(f"--- {path.relative_to(root)}\n{text[-limit:]}")
+    return "\n".join(parts)
+
+
+def _events(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm_events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _wait(predicate, timeout: float, what: str, job_ids: list[str], root: Path, poll_s: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        bad = [
+            r
+            for r in _jobs_state(job_ids)
+            if r.get("JobState") in FAILED_STATES or r.get("Reason") == "DependencyNeverSatisfied"
+        ]
+        if bad:
+            _cancel(job_ids)
+            pytest.fail(
+                f"while waiting for {what}: job(s) failed: "
+                f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in bad]}\n{_logs(root)}"
+            )
+        time.sleep(poll_s)
+    _cancel(job_ids)
+    pytest.fail(
+        f"timed out after {timeout}s waiting for {what}; squeue:\n"
+        f"{_run(['squeue', '-o', '%i %j %T %r']).stdout}\n{_logs(root)}"
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("slurm") / "pipe"
+    recorder = root.parent / "hub" / "calls.jsonl"
+    res = _run(
+        [
+            PYTHON,
+            "-m",
+            "radtrain",
+            "submit",
+            "jobs/demo.yaml",
+            f"output_dir={root}",
+            *TWIN_OVERRIDES,
+            f"env.RADTRAIN_HUB_RECORDER={recorder}",
+            f"env.RADTRAIN_CACHE={root.parent / 'cache'}",
+        ],
+        timeout=180,
+        cwd=REPO,
+        env=subprocess_env(),
+    )
+    assert res.returncode == 0, f"radtrain submit failed:\n{res.stdout}\n{res.stderr}"
+    record = json.loads((root / "pipeline.json").read_text())
+    steps = record["steps"]
+    job_ids = [steps[s]["job_id"] for s in ("mlm", "classify", "select")]
+    twin = steps["classify"]["members"][1]
+    twin_dir = Path(twin["run_dir"])
+    try:
+        _wait(
+            lambda: list(twin_dir.glob("checkpoints/step-*/COMPLETE")),
+            PIPELINE_TIMEOUT_S,
+            "the first checkpoint of classifier twin 1",
+            job_ids,
+            root,
+            poll_s=0.2,
+        )
+        # What SLURM sends signal_delay_s before the time limit, and what a preemption sends.
+        sig = _run(["scancel", "--signal=USR2", twin["job_id"]])
+        assert sig.returncode == 0, sig.stderr
+        signalled_at = time.time()
+        _wait(
+            lambda: (root / "selection.json").is_file(), PIPELINE_TIMEOUT_S, "selection.json", job_ids, root
+        )
+        _wait(
+            lambda: all(r.get("JobState") == "COMPLETED" for r in _jobs_state(job_ids)),
+            60,
+            "every job to be COMPLETED",
+            job_ids,
+            root,
+        )
+    except BaseException:
+        _cancel(job_ids)
+        raise
+    return {
+        "root": root,
+        "record": record,
+        "recorder": recorder,
+        "signalled_at": signalled_at,
+        "stdout": res.stdout,
+    }
+
+
+def _member_dirs(pipeline: dict, step: str) -> list[Path]:
+    return [Path(m["run_dir"]) for m in pipeline["record"]["steps"][step]["members"]]
+
+
+def test_pipeline_runs_in_dependency_order(pipeline):
+    root = pipeline["root"]
+    assert "mlm      job " in pipeline["stdout"] and "afterok:" in pipeline["stdout"]
+    mlm = [_events(d) for d in _member_dirs(pipeline, "mlm")]
+    classify = [_events(d) for d in _member_dirs(pipeline, "classify")]
+    select = _events(root / "select")
+    for events in (*mlm, *classify, select):
+        assert events and events[-1]["event"] == "end" and events[-1]["outcome"] == "completed", events
+    mlm_ended = max(e[-1]["time"] for e in mlm)
+    classify_started = min(e[0]["time"] for e in classify)
+    classify_ended = max(e[-1]["time"] for e in classify)
+    assert classify_started > mlm_ended, "a classifier member started before every MLM member had ended"
+    assert select[0]["time"] > classify_ended, (
+        "the selection started before every classifier member had ended"
+    )
+    # Each member in its own run dir with its own logs (one folder per array task, one file per rank).
+    for step, ranks in (("mlm", 1), ("classify", 2)):
+        info = pipeline["record"]["steps"][step]
+        for member in info["members"]:
+            logs = sorted(p.name for p in (root / "logs" / member["job_id"]).glob("*_log.out"))
+            assert logs == [f"{member['job_id']}_{r}_log.out" for r in range(ranks)], logs
+            assert (Path(member["run_dir"]) / "summary.json").is_file()
+
+
+def test_preempted_member_resumes_and_matches_uninterrupted_twin(pipeline):
+    twin0, twin1 = _member_dirs(pipeline, "classify")
+    events = _events(twin1)
+    assert [(e["event"], e.get("outcome"), e["restart"]) for e in events] == [
+        ("start", None, 0),
+        ("end", "requeued", 0),
+        ("start", None, 1),
+        ("end", "completed", 1),
+    ], events
+    assert events[0]["job_id"] == events[2]["job_id"], "a requeued member must keep its job id"
+    assert events[1]["time"] >= pipeline["signalled_at"] - 1
+    job = pipeline["record"]["steps"]["classify"]["members"][1]["job_id"]
+    rank0_log = (pipeline["root"] / "logs" / job / f"{job}_0_log.err").read_text()
+    resumed = re.findall(r"resumed from \S+/checkpoints/step-(\d+)", rank0_log)
+    assert len(resumed) == 1 and int(resumed[0]) >= 2, rank0_log[-3000:]
+    assert [e["restart"] for e in _events(twin0)] == [0, 0], "the twin must have run uninterrupted"
+
+    a = json.loads((twin0 / "summary.json").read_text())
+    b = json.loads((twin1 / "summary.json").read_text())
+    assert a["global_steps"] == b["global_steps"] and a["best_step"] == b["best_step"]
+    for split in ("validation", "test"):
+        for key, value in a[split].items():
+            assert math.isclose(value, b[split][key], rel_tol=1e-6, abs_tol=1e-7), (
+                split,
+                key,
+                value,
+                b[split][key],
+            )
+    a_rows = [json.loads(x) for x in (twin0 / "metrics.jsonl").read_text().splitlines()]
+    b_rows = [json.loads(x) for x in (twin1 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows]
+
+
+def test_two_task_member_is_one_deepspeed_job(pipeline):
+    for run_dir in _member_dirs(pipeline, "classify"):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["train"]["processes"] == 2
+        assert _events(run_dir)[0]["world_size"] == 2
+        newest = sorted(run_dir.glob("checkpoints/step-*"))[-1]
+        # The accelerate YAML named in the job file took effect in-process: a DeepSpeed checkpoint.
+        assert (newest / "pytorch_model").is_dir() and (newest / "zero_to_fp32.py").is_file(), list(
+            newest.iterdir()
+        )
+        assert {p.name for p in newest.glob("random_states_*.pkl")} == {
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        }
+    for run_dir in _member_dirs(pipeline, "mlm"):
+        assert json.loads((run_dir / "summary.json").read_text())["train"]["processes"] == 1
+
+
+def test_selection_tests_the_best_member_once_and_publishes_it(pipeline):
+    root = pipeline["root"]
+    selection = json.loads((root / "selection.json").read_text())
+    members = {
+        d.name: json.loads((d / "summary.json").read_text()) for d in _member_dirs(pipeline, "classify")
+    }
+    scores = {name: s["validation"]["f1"] for name, s in members.items()}
+    assert selection["metric"] == "f1" and selection["validation"] == pytest.approx(scores)
+    best = max(scores.values())
+    assert selection["member"] == next(n for n, v in scores.items() if v == best)  # ties: the first member
+    # Its one test evaluation (radtrain evaluate's code) equals the member's own test figures.
+    chosen = members[selection["member"]]["test"]
+    for key, value in chosen.items():
+        assert math.isclose(selection["test"][key], value, rel_tol=1e-6, abs_tol=1e-7), key
+    assert (root / "selected" / "config.json").is_file() and (root / "selected" / "labels.json").is_file()
+    # Published by the selection job only (members have no hub.repo_id): one commit.
+    calls = [json.loads(x) for x in pipeline["recorder"].read_text().splitlines()]
+    commits = [c for c in calls if c["call"] == "create_commit"]
+    assert len(commits) == 1 and commits[0]["repo_id"] == "radtrain-ci/demo-selected"
+    assert selection["repo_id"] == "radtrain-ci/demo-selected" and selection["published"]
+
+
+def test_plain_sbatch_pipeline_script(tmp_path):
+    """slurm/pipeline.sh: MLM then classifier (afterok), each srun + accelerate launch with 2 CPU
+    processes over gloo, on the same cluster."""
+    from radtrain.data.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "data", 300, 60, 60, seed=1)
+    root = tmp_path / "plain"
+    env = subprocess_env(
+        SBATCH_ARGS="--partition=debug --gpus-per-node=0 --cpus-per-task=2 --time=10",
+        ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml",
+        PROCS_PER_NODE="2",
+        MLM_ARGS="train.epochs=1",
+        CLASSIFY_ARGS="train.epochs=2",
+        RADTRAIN_CACHE=str(tmp_path / "cache"),
+    )
+    res = _run(
+        [
+            "bash",
+            "slurm/pipeline.sh",
+            str(root),
+            f"data.source={data}",
+            "model.name=scratch:tiny",
+            "train.lr=1e-3",
+            "train.batch_size=16",
+            "data.max_length=64",
+        ],
+        cwd=REPO,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    ids = re.findall(r"job (\d+)", res.stdout)
+    assert len(ids) == 2 and f"afterok:{ids[0]}" in res.stdout, res.stdout
+    _wait(
+        lambda: (root / "classify" / "summary.json").is_file(),
+        PLAIN_TIMEOUT_S,
+        "the plain classifier job",
+        ids,
+        root,
+    )
+    _wait(
+        lambda: all(r.get("JobState") == "COMPLETED" for r in _jobs_state(ids)),
+        60,
+        "both jobs COMPLETED",
+        ids,
+        root,
+    )
+    mlm = json.loads((root / "mlm" / "summary.json").read_text())
+    classify = json.loads((root / "classify" / "summary.json").read_text())
+    assert mlm["train"]["processes"] == 2 and classify["train"]["processes"] == 2
+    assert classify["test"] is not None
+    config = (root / "classify" / "config.yaml").read_text()
+    assert f"init_from: {root}/mlm/best" in config
+    log = (root / "logs" / f"classify-{ids[1]}.out").read_text()
+    assert "classify on 1 node(s) x 2 process(es)" in log

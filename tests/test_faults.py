@@ -1,0 +1,429 @@
+"""Fault injection: kills, corrupt checkpoints, stop signals, NaN losses, full disks (issue 8).
+
+Every run is a real ``python -m radtrain classify`` subprocess (scratch tiny ModernBERT, fp32,
+300 real ROCO captions: 225 train / 45 validation / 30 test, batch 16 -> 15 steps per epoch,
+2 epochs = 30 steps, a checkpoint every 4 steps and at each epoch's evaluation), bounded by a
+timeout. Faults land at exact moments through the RADTRAIN_FAULT test hook (radtrain/faults.py):
+SIGKILL inside a step, an evaluation, a checkpoint write or the best/ swap; a real signal sent to
+the process inside a step; NaN losses; ENOSPC. A killed-and-resumed run must end bitwise equal
+to one never killed: same metrics, same weights. Every run also gets an HF_TOKEN sentinel and is
+scanned for it and for caption text afterwards (promise 8).
+
+The promises and the tests that hold them: docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from radtrain.checkpoint import MANIFEST, CheckpointManager, _sha256
+from tests.conftest import PYTHON, TINY, subprocess_env, write_roco_slice
+
+pytestmark = pytest.mark.slow
+
+SENTINEL = "hf_RadtrainSentinelTokenDoNotLeak0123456789"
+# lr 3e-3 without warmup and a 0.2 decision threshold: the tiny model has f1 > 0 after one epoch,
+# so equal metrics are a real comparison (at 0.5 it predicts no label at all in 30 steps).
+ARGS = [
+    *TINY, "train.lr=3e-3", "train.warmup_ratio=0", "train.threshold=0.2", "train.epochs=2",
+    "train.precision=fp32", "train.save_every_steps=4",
+]
+TOTAL_STEPS = 30
+TIMEOUT = 300  # per run; a healthy one takes ~20 s on 2 free cores
+TENSOR_SUFFIXES = (".safetensors", ".bin", ".pkl", ".pt")
+
+
+@dataclass
+class Env:
+    data: Path
+    cache: Path
+    probes: list[bytes]  # the first 40 characters of every longer caption
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, roco_path) -> Env:
+    root = tmp_path_factory.mktemp("faults")
+    data = write_roco_slice(root / "roco300.jsonl", 300)
+    captions = [json.loads(line)["caption"] for line in data.read_text(encoding="utf-8").splitlines()]
+    probes = [c[:40].encode() for c in captions if len(c) >= 40 and c[:40].count(" ") >= 3]
+    return Env(data=data, cache=root / "token-cache", probes=probes)
+
+
+def radtrain(env: Env, run_dir: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    child_env = subprocess_env(RADTRAIN_CACHE=str(env.cache), HF_TOKEN=SENTINEL, HUGGING_FACE_HUB_TOKEN=SENTINEL)
+    child_env.pop("RADTRAIN_FAULT", None)
+    if fault:
+        child_env["RADTRAIN_FAULT"] = fault
+    result = subprocess.run(
+        [PYTHON, "-m", "radtrain", "classify", "--output-dir", str(run_dir), f"data.source={env.data}", *ARGS, *extra],
+        capture_output=True, text=True, timeout=TIMEOUT, env=child_env,
+    )
+    assert_nothing_leaked(env, run_dir, result.stdout + result.stderr)
+    return result
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    return result.stdout[-4000:] + "\n--- stderr ---\n" + result.stderr[-4000:]
+
+
+def expect(result: subprocess.CompletedProcess, code: int) -> subprocess.CompletedProcess:
+    assert result.returncode == code, f"exit {result.returncode}, expected {code}\n{output(result)}"
+    return result
+
+
+def assert_nothing_leaked(env: Env, run_dir: Path, text: str) -> None:
+    """No token anywhere (any file, stdout, stderr); no caption text in logs, metadata or tracking."""
+    token = SENTINEL.encode()
+    assert SENTINEL not in text
+    assert not any(p.decode() in text for p in env.probes), "caption text in the run's output"
+    for path in run_dir.rglob("*") if run_dir.exists() else []:
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        assert token not in data, f"the HF token sentinel was written to {path}"
+        if not path.name.endswith(TENSOR_SUFFIXES):
+            leaked = next((p for p in env.probes if p in data), None)
+            assert leaked is None, f"caption text {leaked!r} in {path}"
+
+
+def manager(run_dir: Path) -> CheckpointManager:
+    return CheckpointManager(run_dir, "unused", 1, keep=3)
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    return sorted(c.step for c in manager(run_dir).complete_checkpoints())
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def assert_readers_see_whole_files(run_dir: Path) -> None:
+    """What a reader can open is whole: every step-* directory is a complete checkpoint (partial
+    writes only under .tmp-* names), best/ is absent or a full export, every log line parses."""
+    root = run_dir / "checkpoints"
+    step_dirs = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+    assert step_dirs == [f"step-{s:08d}" for s in complete_steps(run_dir)]
+    best = run_dir / "best"
+    if best.exists():
+        from safetensors.torch import load_file
+
+        for name in ("config.json", "model.safetensors", "radtrain.json", "labels.json", "tokenizer.json"):
+            assert (best / name).is_file(), f"best/ lacks {name}"
+        assert all(torch.isfinite(t).all() for t in load_file(best / "model.safetensors").values())
+    for name in ("metrics.jsonl", "train_log.jsonl"):
+        read_rows(run_dir / name)  # raises on a torn line
+    if (run_dir / "summary.json").exists():
+        json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_same_result(run: Path, ref: Path) -> None:
+    """Bitwise: metrics, the evaluation history, the exported weights and the final state."""
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (run, ref))
+    for key in ("validation", "test", "best_step", "best_epoch", "global_steps", "nan_steps_skipped"):
+        assert got[key] == want[key], key
+    assert read_rows(run / "metrics.jsonl") == read_rows(ref / "metrics.jsonl")
+    for rel in ("best/model.safetensors", "best/thresholds.json", f"checkpoints/step-{TOTAL_STEPS:08d}/model.safetensors"):
+        assert (run / rel).read_bytes() == (ref / rel).read_bytes(), f"{rel} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory) -> Path:
+    """The run that is never disturbed."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    expect(radtrain(env, run), 0)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_steps"] == TOTAL_STEPS and summary["nan_steps_skipped"] == 0
+    assert summary["validation"]["f1"] > 0  # it learns something, so equal metrics mean something
+    return run
+
+
+# -- promise 7: same seed, same config, same machine -> the same metrics --------------------------
+
+
+def test_same_seed_same_config_gives_bitwise_equal_results(env, reference, tmp_path):
+    """Also a security check of tracking and the model card: the second run logs to wandb
+    (offline) and the card is built; neither holds the token or caption text."""
+    run = tmp_path / "again"
+    expect(radtrain(env, run, "tracking.backend=wandb", "tracking.mode=offline"), 0)
+    assert_same_result(run, reference)
+    assert any((run / "wandb").rglob("*.wandb")), "wandb wrote nothing: the tracking check checked nothing"
+    # Rotation keeps train.save_total_limit checkpoints and never touches best/.
+    assert complete_steps(run) == [24, 28, 30]
+    assert (run / "best" / "model.safetensors").is_file()
+
+    from radtrain.model_card import build_card
+
+    card = build_card(run / "best", run, "org/radtrain-test")
+    assert SENTINEL not in card
+    leaked = [p.decode() for p in env.probes if p.decode() in card]
+    assert not leaked, f"training captions in the model card: {leaked[:3]}"
+
+
+# -- promise 1 and 3: kill at any moment; graceful stop signals -----------------------------------
+
+
+def test_killed_at_every_moment_resumes_to_the_same_result(env, reference, tmp_path):
+    """One run directory, killed again and again at different moments; each start resumes from
+    the newest complete checkpoint; the last start ends bitwise equal to the reference."""
+    run = tmp_path / "run"
+
+    # A: SIGKILL inside optimizer step 7. The checkpoint of step 4 is the newest complete one.
+    result = expect(radtrain(env, run, fault="step:7"), -signal.SIGKILL)
+    assert "RADTRAIN_FAULT: kill at step #7" in result.stderr
+    assert complete_steps(run) == [4]
+    assert_readers_see_whole_files(run)
+
+    # B: SIGKILL inside the first evaluation (end of epoch 1, step 15): no metrics row yet.
+    result = expect(radtrain(env, run, fault="eval:1"), -signal.SIGKILL)
+    assert "resumed from" in result.stderr and "step-00000004" in result.stderr
+    assert complete_steps(run) == [4, 8, 12]  # lost at most the 3 steps since step 12
+    assert read_rows(run / "metrics.jsonl") == []
+    assert_readers_see_whole_files(run)
+
+    # C: SIGKILL inside the checkpoint write of step 15: tensors on disk, no manifest.
+    result = expect(radtrain(env, run, fault="checkpoint-write:1"), -signal.SIGKILL)
+    assert (run / "checkpoints" / ".tmp-step-00000015" / "model.safetensors").is_file()
+    assert not (run / "checkpoints" / ".tmp-step-00000015" / MANIFEST).exists()
+    assert complete_steps(run) == [4, 8, 12]
+    assert [r["step"] for r in read_rows(run / "metrics.jsonl")] == [15]  # written before the kill
+    assert (run / "best" / "model.safetensors").is_file()
+    assert_readers_see_whole_files(run)
+    # What a kill in the middle of appending a row leaves (too short a window to hit on purpose):
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 15, "epoch": 1.0, "precision_mi')
+
+    # D: SIGKILL between the two renames of the best/ swap: best/ moved to best.old, the new
+    # export complete in best.tmp. The resume dropped the torn row and the row of step 15 (after
+    # its checkpoint, step 12) and wrote step 15's row again.
+    result = expect(radtrain(env, run, fault="export:1"), -signal.SIGKILL)
+    assert "step-00000012" in result.stderr
+    assert read_rows(run / "metrics.jsonl") == read_rows(reference / "metrics.jsonl")[:1]
+    assert not (run / "best").exists()
+    assert (run / "best.old" / "model.safetensors").is_file() and (run / "best.tmp" / "model.safetensors").is_file()
+    assert_readers_see_whole_files(run)
+
+    # E: SIGTERM (a real signal, delivered to the real handler) inside step 18: checkpoint at
+    # that step boundary, exit 75 = "start me again". The start put best/ back first.
+    result = expect(radtrain(env, run, fault="step:18:SIGTERM"), 75)
+    assert "run the same command again to resume" in result.stderr
+    assert complete_steps(run)[-1] == 18
+    assert not (run / "best.old").exists() and not (run / "best.tmp").exists()
+    assert_readers_see_whole_files(run)
+
+    # F: undisturbed to the end.
+    result = expect(radtrain(env, run), 0)
+    assert "step-00000018" in result.stderr
+    assert_readers_see_whole_files(run)
+    assert_same_result(run, reference)
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # leftovers cleaned by rotation
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGUSR1", "SIGUSR2"])
+def test_stop_signals_checkpoint_at_the_step_boundary_and_exit_75(env, tmp_path, signame):
+    """SIGINT (Ctrl-C), SIGUSR1 (SLURM --signal), SIGUSR2 (submitit's preemption/timeout notice).
+    SIGTERM is covered, with the resume, by the kill test above."""
+    run = tmp_path / "run"
+    result = expect(radtrain(env, run, "train.epochs=1", fault=f"step:3:{signame}"), 75)
+    signum = int(getattr(signal, signame))
+    assert f"stopped on signal {signum} at step 3; checkpoint saved" in result.stderr
+    assert complete_steps(run) == [3]
+    manager(run).verify(manager(run).complete_checkpoints()[0])
+
+
+# -- promise 4: NaN / inf losses --------------------------------------------------------------------
+
+
+def test_nan_steps_are_skipped_and_counted(env, tmp_path):
+    run = tmp_path / "run"
+    result = expect(radtrain(env, run, "train.epochs=1", fault="nan:5-6"), 0)
+    assert "step 5: non-finite loss or gradient; step skipped (1 in a row)" in result.stderr
+    assert "step 6: non-finite loss or gradient; step skipped (2 in a row)" in result.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["nan_steps_skipped"] == 2 and summary["global_steps"] == 15
+    assert_readers_see_whole_files(run)  # includes: best/ weights are all finite
+
+
+def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(env, tmp_path):
+    run = tmp_path / "run"
+    result = expect(radtrain(env, run, "train.epochs=1", "train.max_nan_steps=3", fault="nan:5-15"), 1)
+    assert "3 optimizer steps in a row had a non-finite loss or gradient (train.max_nan_steps=3)" in result.stderr
+    assert "The last good checkpoint is kept" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert complete_steps(run) == [4]
+    info = manager(run).complete_checkpoints()[0]
+    manager(run).verify(info)
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(info.path / "model.safetensors").values())
+    assert not (run / "summary.json").exists()
+
+
+# -- promise 5: disk full, unwritable output directory --------------------------------------------
+
+
+def assert_clean_write_failure(run: Path, result: subprocess.CompletedProcess, kept_step: int) -> None:
+    assert "could not write" in result.stderr and "MiB free on that filesystem" in result.stderr
+    assert f"step-{kept_step:08d} is intact; the next start resumes from it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((run / "checkpoints").glob(".tmp-*")), "the partial checkpoint was left behind"
+    assert complete_steps(run) == [kept_step]
+    manager(run).verify(manager(run).complete_checkpoints()[0])
+
+
+def test_disk_full_in_a_checkpoint_write_keeps_the_previous_one(env, tmp_path):
+    run = tmp_path / "run"
+    result = expect(radtrain(env, run, "train.epochs=1", fault="checkpoint-write:2:enospc"), 2)
+    assert "step-00000008: OSError: [Errno 28] No space left on device" in result.stderr
+    assert_clean_write_failure(run, result, 4)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 16 MiB filesystem: one checkpoint (~10 MiB) fits, the second does not."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    ).returncode != 0:
+        pytest.skip("needs root and mount (tmpfs); the injected ENOSPC test covers the same path")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint(env, small_tmpfs):
+    run = small_tmpfs / "run"
+    result = expect(radtrain(env, run, "train.epochs=1"), 2)
+    # torch.save reports a full disk as a RuntimeError, safetensors as a SafetensorError:
+    # whichever it was, the message is ours.
+    assert "could not write" in result.stderr and "step-00000008" in result.stderr
+    assert_clean_write_failure(run, result, 4)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("root without mount: cannot make a directory root cannot write")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_unwritable_output_dir_fails_at_start_with_a_clear_error(env, read_only_dir):
+    result = expect(radtrain(env, read_only_dir / "run"), 2)
+    assert f"output_dir='{read_only_dir / 'run'}' is not writable" in result.stderr
+    assert "[radtrain] classify:" not in result.stdout  # refused before training started
+
+
+# -- promise 2: corrupt or partial newest checkpoint; promise 8: no unpickling ---------------------
+
+
+class _Payload:
+    """A pickle that creates a file when unpickled: stands in for arbitrary code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rewrite_manifest(step_dir: Path) -> None:
+    """Make the manifest agree with the files again, as an attacker with write access could."""
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    for rel in manifest["files"]:
+        manifest["files"][rel] = (step_dir / rel).stat().st_size
+        manifest["sha256"][rel] = _sha256(step_dir / rel)
+    (step_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_corrupt_newest_checkpoints_fall_back_to_an_older_one(env, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    ckpts = run / "checkpoints"
+    assert complete_steps(run) == [24, 28, 30]
+
+    # Newest: garbage of the same size inside the tensor data (the header still parses, so only
+    # the checksum can tell).
+    weights = ckpts / "step-00000030" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = os.urandom(4096)
+    weights.write_bytes(bytes(data))
+    # Second newest: an optimizer state that runs code when unpickled, manifest made consistent.
+    marker = tmp_path / "payload-ran"
+    torch.save({"state": {}, "param_groups": _Payload(marker)}, ckpts / "step-00000028" / "optimizer.bin")
+    _rewrite_manifest(ckpts / "step-00000028")
+    # The payload is live: unpickled the unsafe way, it does run.
+    probe = tmp_path / "probe-ran"
+    torch.save(_Payload(probe), tmp_path / "probe.bin")
+    torch.load(tmp_path / "probe.bin", weights_only=False)
+    assert probe.exists()
+
+    result = expect(radtrain(env, run), 0)
+    assert "step-00000030/model.safetensors does not match its checksum" in result.stderr
+    assert "step-00000028 could not be loaded (UnpicklingError" in result.stderr
+    assert "resumed from" in result.stderr and "step-00000024" in result.stderr
+    assert not marker.exists(), "resuming unpickled an arbitrary object"
+    assert_same_result(run, reference)  # steps 25-30 trained again, bitwise the same
+
+
+def test_partial_checkpoints_are_never_listed(reference, tmp_path):
+    """Truncated file, missing manifest, unparsable manifest: not complete, not resumed from."""
+    run = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run / "checkpoints")
+    ckpts = run / "checkpoints"
+    optimizer = ckpts / "step-00000030" / "optimizer.bin"
+    with open(optimizer, "r+b") as handle:
+        handle.truncate(optimizer.stat().st_size // 2)
+    (ckpts / "step-00000028" / MANIFEST).unlink()
+    assert complete_steps(run) == [24]
+    (ckpts / "step-00000024" / MANIFEST).write_text('{"files": {"model.safe')
+    assert complete_steps(run) == []
+
+
+def test_resume_state_loads_without_unpickling(reference):
+    """Every pickle in a checkpoint loads with weights_only=True (accelerate allow-lists only the
+    numpy types of the RNG state), and the weights are safetensors."""
+    from accelerate.utils.other import load
+
+    step_dir = reference / "checkpoints" / f"step-{TOTAL_STEPS:08d}"
+    names = sorted(p.name for p in step_dir.iterdir())
+    assert "model.safetensors" in names and not any(n.startswith("pytorch_model") for n in names)
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        assert isinstance(load(step_dir / name, weights_only=True), dict), name
+    for name in ("optimizer.bin", "scheduler.bin"):
+        torch.load(step_dir / name, weights_only=True)  # plain torch, no allow-list needed
+
+
+def test_remote_code_is_not_run_unless_asked(tmp_path):
+    from radtrain import models
+    from radtrain.config import ModelConfig, load_config
+
+    assert load_config(None, []).model.trust_remote_code is False
+    model_dir = tmp_path / "custom"
+    model_dir.mkdir()
+    marker = tmp_path / "remote-code-ran"
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "not-a-transformers-model",
+        "auto_map": {"AutoConfig": "custom_code.Config", "AutoModelForSequenceClassification": "custom_code.Model"},
+    }))
+    (model_dir / "custom_code.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        models.source_config(ModelConfig(name=str(model_dir)))
+    assert not marker.exists()

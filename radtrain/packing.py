@@ -1,0 +1,267 @@
+"""Padding-free (packed) training batches for ModernBERT.
+
+transformers 5's ModernBERT no longer unpads: a padded batch spends its embeddings, projections
+and MLPs on padding. A packed micro-batch is the same captions concatenated into one row of T real
+tokens, with per-caption positions and boundaries (``cu_seqlens``), so only the attention needs to
+know where captions start:
+
+- CUDA with flash-attn installed: ``attn_implementation="flash_attention_2"``; transformers takes
+  ``cu_seq_lens_q/k`` and ``max_length_q/k`` and calls flash-attn's varlen kernel.
+- CUDA without flash-attn (many clusters): the ``radtrain_varlen`` attention below calls
+  PyTorch's own varlen flash kernel (``torch.nn.attention.varlen``), same windows as ModernBERT.
+- CPU (tests; ``data.packing=on``): the same function scatters each caption into a padded
+  (captions x longest) block for SDPA and gathers the real rows back. Exact, but attention then
+  costs what a padded batch costs; only the projections and MLPs skip padding.
+
+``radtrain_varlen`` is plain SDPA for padded batches (evaluation always pads), so a model set to
+it computes exactly what the default ``sdpa`` model computes. The attention choice is a runtime
+setting, not saved in exports.
+
+The stock classifier pools the CLS token of row 0, which in a packed batch is only the first
+caption; a forward hook on the encoder pools per caption instead (CLS of each caption, or the
+caption mean), giving the head one row per caption. Labels stay (captions x labels): nothing like
+``DataCollatorWithFlattening`` touches the multi-hot targets. For MLM the labels are packed with
+the tokens and the decoder still runs only on masked positions (sparse prediction).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from radtrain.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+ATTN_NAME = "radtrain_varlen"
+PACKED_KEY = "cu_seqlens"
+# ModernBertModel skips building masks when given one per layer type; packed attention needs none.
+_NO_MASKS = {"full_attention": None, "sliding_attention": None}
+
+
+@functools.cache
+def flash_attn_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # ImportError, or a build that does not match this torch/CUDA
+        return False
+    return True
+
+
+@functools.cache
+def torch_varlen_kernel() -> bool:
+    """PyTorch's own varlen flash attention (CUDA only, torch >= 2.10)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- the attention function ------------------------------------------------------------------------
+
+
+def _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_window):
+    """Exact varlen attention on any device: scatter the captions of a packed row (1, H, T, D)
+    into a (captions, H, max_len, D) block, SDPA with a key-padding (and local-window) mask,
+    gather the real rows back."""
+    heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
+    n = cu_seqlens.numel() - 1
+    lengths = cu_seqlens.diff().long()
+    segment = torch.repeat_interleave(torch.arange(n, device=query.device), lengths, output_size=total)
+    position = torch.arange(total, device=query.device) - cu_seqlens.long()[segment]
+    flat = segment * max_len + position
+
+    def to_block(x):
+        block = x.new_zeros(n * max_len, heads, dim)
+        block.index_copy_(0, flat, x[0].transpose(0, 1))
+        return block.view(n, max_len, heads, dim).transpose(1, 2)
+
+    keys = torch.arange(max_len, device=query.device)
+    mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # (n, 1, 1, max_len)
+    if sliding_window is not None and max_len > sliding_window:
+        # transformers' bidirectional window for sdpa: |q - k| <= config.sliding_window, and
+        # ModernBertAttention stores config.sliding_window + 1 for flash's inclusive bounds.
+        near = (keys[:, None] - keys[None, :]).abs() <= sliding_window - 1
+        mask = mask & near[None, None]
+    out = F.scaled_dot_product_attention(to_block(query), to_block(key), to_block(value), attn_mask=mask, scale=scaling)
+    out = out.transpose(1, 2).reshape(n * max_len, heads, dim)[flat]
+    return out.unsqueeze(0)  # (1, T, H, D), the layout transformers' attention functions return
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    """transformers attention interface: query/key/value (batch, heads, tokens, head_dim)."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:  # a padded batch (evaluation, inference): exactly the sdpa path
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    max_len = int(kwargs["max_length_q"])
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and torch_varlen_kernel():
+        from torch.nn.attention.varlen import varlen_attn
+
+        window = (-1, -1)
+        if sliding_window is not None and max_len > sliding_window:
+            window = (sliding_window - 1, sliding_window - 1)  # as transformers passes flash-attn
+        out = varlen_attn(
+            query[0].transpose(0, 1).contiguous(),  # (T, heads, head_dim)
+            key[0].transpose(0, 1).contiguous(),
+            value[0].transpose(0, 1).contiguous(),
+            cu_seqlens,
+            cu_seqlens,
+            max_len,
+            max_len,
+            scale=scaling,
+            window_size=window,
+        )
+        return out.unsqueeze(0), None
+    return _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_window), None
+
+
+@functools.cache
+def register() -> None:
+    """Make ``radtrain_varlen`` a valid attn_implementation (masks for padded batches as sdpa)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, varlen_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+# -- hooks on the model ----------------------------------------------------------------------------
+
+
+def _encoder(model):
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and type(inner).__name__ == "ModernBertModel" else None
+
+
+def _skip_masks(module, args, kwargs):
+    if kwargs.get("cu_seq_lens_q") is not None:
+        kwargs["attention_mask"] = dict(_NO_MASKS)
+        return args, kwargs
+    return None
+
+
+def _pool_per_caption(pooling: str):
+    def hook(module, args, kwargs, output):
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is None:
+            return None
+        hidden = output.last_hidden_state[0]  # (T, hidden)
+        if pooling == "mean":
+            lengths = cu_seqlens.diff().long()
+            segment = torch.repeat_interleave(
+                torch.arange(lengths.numel(), device=hidden.device), lengths, output_size=hidden.shape[0]
+            )
+            sums = hidden.new_zeros(lengths.numel(), hidden.shape[-1]).index_add_(0, segment, hidden)
+            pooled = sums / lengths[:, None].to(hidden.dtype)
+        else:  # 'cls': each caption's first token
+            pooled = hidden[cu_seqlens[:-1].long()]
+        # (captions, 1, hidden): the classifier's own pooling of position 0 (or the mean over a
+        # length-1 axis) is then the identity.
+        output.last_hidden_state = pooled.unsqueeze(1)
+        return output
+
+    return hook
+
+
+def supports_packing(model) -> bool:
+    return _encoder(model) is not None
+
+
+def enable(model, attn_implementation: str | None, mixed_precision: str = "no") -> str:
+    """Install the packing hooks and the attention that reads ``cu_seq_lens``; returns its name.
+
+    ``attn_implementation`` is the user's model.attn_implementation (None: choose: flash-attn
+    where installed and the step runs in half precision, which its kernels need)."""
+    encoder = _encoder(model)
+    if encoder is None:
+        raise ConfigError(
+            f"data.packing=on needs a ModernBERT model; {type(model).__name__} is not one. Use data.packing=off"
+        )
+    if attn_implementation not in (None, "flash_attention_2", ATTN_NAME):
+        raise ConfigError(
+            f"data.packing=on cannot run with model.attn_implementation={attn_implementation!r} (it would let "
+            "packed captions attend to each other); unset it, use flash_attention_2, or data.packing=off"
+        )
+    name = attn_implementation
+    if name is None:
+        half = mixed_precision in ("bf16", "fp16")
+        name = "flash_attention_2" if torch.cuda.is_available() and half and flash_attn_installed() else ATTN_NAME
+    if name == ATTN_NAME:
+        register()
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)
+    if not getattr(encoder, "_radtrain_packing", False):
+        encoder.register_forward_pre_hook(_skip_masks, with_kwargs=True)
+        if hasattr(model, "classifier"):
+            pooling = getattr(model.config, "classifier_pooling", "cls")
+            encoder.register_forward_hook(_pool_per_caption(pooling), with_kwargs=True)
+        encoder._radtrain_packing = True
+    return name
+
+
+def resolve(setting: str, model, device: torch.device, mixed_precision: str, attn_implementation: str | None) -> bool:
+    """Whether to pack: 'on'/'off' as given; 'auto' where a varlen kernel makes it pay (CUDA in
+    bf16 with flash-attn or PyTorch's varlen attention) and the model is a ModernBERT."""
+    if setting == "off":
+        return False
+    if setting == "on":
+        return True
+    if device.type != "cuda" or mixed_precision not in ("bf16", "fp16") or not supports_packing(model):
+        return False
+    if attn_implementation not in (None, "flash_attention_2", ATTN_NAME):
+        return False
+    return flash_attn_installed() or torch_varlen_kernel()
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+def pack(batch: dict[str, torch.Tensor], token_labels: bool) -> dict:
+    """A padded batch (after task.prepare, so MLM masks are the padded batch's) -> one packed row.
+
+    Keeps ``index`` and per-caption labels (classifier) as they are; ``token_labels`` (MLM) are
+    packed with the tokens."""
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1)
+    cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+    total = int(cu_seqlens[-1])
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
+    packed = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    packed["input_ids"] = batch["input_ids"][mask].unsqueeze(0)
+    packed["position_ids"] = (torch.arange(total) - starts).unsqueeze(0)
+    packed[PACKED_KEY] = cu_seqlens
+    packed["max_seqlen"] = int(lengths.max()) if lengths.numel() else 0
+    labels = batch.get("labels")
+    if labels is not None:
+        packed["labels"] = labels[mask].unsqueeze(0) if token_labels else labels
+    return packed
+
+
+def is_packed(batch: dict) -> bool:
+    return PACKED_KEY in batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """Keyword arguments for the model's forward, packed or padded."""
+    if not is_packed(batch):
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    cu, longest = batch[PACKED_KEY], batch["max_seqlen"]
+    return {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }

@@ -1,0 +1,199 @@
+"""`radtrain bench` end to end, and the maths check behind the fast path: the series' recipe
+(fp32, every caption padded to 256, batch 8) and radtrain's fast batching (length-bucketed,
+padded to a multiple, or packed padding-free) compute the same loss and gradients on the same
+captions with the same weights. Real ROCO captions, scratch tiny ModernBERT, the real Trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from radtrain import packing
+from radtrain.bench import PresetRun, _Shared, preset_config
+from radtrain.cli import main
+from tests.conftest import ROCO
+
+ROW_KEYS = {"preset", "captions_per_s", "real_tokens_per_s", "padding_fraction", "peak_memory_bytes", "warmup_s"}
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    """300 real captions plus the 5 longest of the file (> 128 tokens: ModernBERT's local
+    attention window then matters, so packing must reproduce it)."""
+    lines = ROCO.read_text(encoding="utf-8").splitlines()
+    longest = sorted(lines, key=lambda line: len(json.loads(line)["caption"]))[-5:]
+    path = tmp_path_factory.mktemp("bench") / "captions.jsonl"
+    path.write_text("\n".join(lines[:300] + longest) + "\n", encoding="utf-8")
+    return path
+
+
+def overrides(source: Path, *extra: str) -> list[str]:
+    return [f"data.source={source}", "model.name=scratch:tiny", "data.min_label_count=3", *extra]
+
+
+def test_bench_cli_writes_rows(captions, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--data", str(captions), "--model", "scratch:tiny", "--presets", "seed,fast,user",
+        "--steps", "4", "--rounds", "2", "--warmup", "1", "--json", str(out),
+        "data.min_label_count=3", "data.packing=on", f"data.cache_dir={tmp_path / 'cache'}",
+    ])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["preset"] for r in rows] == ["seed", "fast", "user"]
+    for row in rows:
+        assert row.keys() >= ROW_KEYS
+        assert row["steps"] == 4 and row["warmup_steps"] == 1
+        assert row["captions_per_s"] > 0 and row["real_tokens_per_s"] > row["captions_per_s"]
+        assert row["peak_memory_bytes"] > 0
+        assert row["mfu"] is None  # no GPU here: MFU is only reported against a known GPU peak
+    seed, fast, user = rows
+    # The series pads every ROCO caption to 256 tokens: most of what it computes is padding.
+    assert seed["padding_fraction"] > 0.6 and seed["settings"]["batch_size"] == 8
+    assert seed["settings"]["precision"] == "fp32" and not seed["settings"]["packed"]
+    assert fast["padding_fraction"] < 0.3
+    assert user["settings"]["packed"] and user["padding_fraction"] == 0.0
+    assert "captions/s" in capsys.readouterr().out
+
+
+def test_fast_fp32_is_the_fast_preset_but_for_precision(captions):
+    fast, mine = (preset_config(p, None, overrides(captions, *extra)) for p, extra in (("fast", []), FAST_FP32))
+    assert mine.train.precision == "fp32" and fast.train.precision == "auto"
+    mine.train.precision = "auto"
+    assert mine.to_dict() == fast.to_dict()
+
+
+def test_bench_rejects_unknown_preset(captions):
+    assert main(["bench", "--data", str(captions), "--presets", "seed,turbo", "--steps", "2"]) == 2
+
+
+# radtrain's defaults (the 'fast' preset) in fp32: on a CPU that is exactly 'fast'; on a GPU 'fast'
+# runs bf16, which cannot match fp32 to 1e-5, so the fp32 checks pin the precision.
+FAST_FP32 = ("user", ["train.precision=fp32"])
+
+
+def _runs(source: Path, tmp_path: Path, phase: str, variants: dict[str, tuple[str, list[str]]], exact: bool = True):
+    """Trainers of bench presets ('seed', 'fast' fix the speed keys; 'user' takes the extras)."""
+    cfgs = {
+        name: preset_config(preset, None, overrides(source, f"data.cache_dir={tmp_path / 'cache'}", *extra))
+        for name, (preset, extra) in variants.items()
+    }
+    shared = _Shared(next(iter(cfgs.values())), phase, tmp_path)
+    trainers = {name: PresetRun(name, cfg, shared, tmp_path).trainer for name, cfg in cfgs.items()}
+    if exact and torch.cuda.is_available():  # TF32 matmuls (radtrain's GPU setting) round to ~1e-3
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return trainers, shared
+
+
+def _forward_backward(trainer, indices: np.ndarray):
+    """The first half of Trainer._step for one micro-batch: collate, prepare, pack, loss, backward."""
+    from radtrain.trainer import _generator
+
+    batch = trainer._collate(trainer.train_split, indices)
+    batch = trainer.task.prepare(batch, _generator(1, 0, 0, 0))
+    if trainer.packing:
+        batch = packing.pack(batch, token_labels=trainer.task.name == "mlm")
+    batch = trainer._to_device(batch)
+    trainer.model.train()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    out = {"width": tuple(batch["input_ids"].shape)}
+    if trainer.task.name == "classify":
+        logits = trainer.model(**packing.model_inputs(batch)).logits.float()
+        out["per_caption"] = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, batch["labels"], reduction="none"
+        ).sum(-1).detach()
+    loss = trainer.task.loss_sum(trainer.model, batch)
+    loss.backward()
+    out["loss"] = loss.item()
+    out["grad"] = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return out
+
+
+def _mixed_batch(split) -> np.ndarray:
+    """8 captions (the series' batch) of very different lengths, the longest above 128 tokens."""
+    order = np.argsort(split.lengths, kind="stable")
+    picks = np.concatenate([order[-2:], order[:2], order[len(order) // 2 : len(order) // 2 + 4]])
+    assert split.lengths[picks].max() > 130
+    return picks
+
+
+def test_fast_path_computes_the_seed_loss(captions, tmp_path):
+    trainers, _ = _runs(captions, tmp_path, "classify", {
+        "seed": ("seed", []),
+        "fast": FAST_FP32,
+        "packed": ("user", ["data.packing=on", "train.precision=fp32"]),
+        "packed_mean": ("user", ["data.packing=on", "train.precision=fp32", "model.classifier_pooling=mean"]),
+        "seed_mean": ("seed", ["model.classifier_pooling=mean"]),
+    })
+    assert not trainers["seed"].packing and trainers["packed"].packing
+    split = trainers["seed"].train_split
+    short = np.argsort(split.lengths, kind="stable")[10:18]
+    for picks in (_mixed_batch(split), short):
+        results = {name: _forward_backward(t, picks) for name, t in trainers.items()}
+        seed = results["seed"]
+        assert seed["width"] == (8, 256)  # the series' shape
+        assert results["fast"]["width"] == (8, -(-int(split.lengths[picks].max()) // 8) * 8)
+        assert results["packed"]["width"] == (1, int(split.lengths[picks].sum()))
+        for name, reference in (("fast", "seed"), ("packed", "seed"), ("packed_mean", "seed_mean")):
+            got, ref = results[name], results[reference]
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), name
+            torch.testing.assert_close(got["per_caption"], ref["per_caption"], rtol=1e-5, atol=1e-5)
+            grad_error = float((got["grad"] - ref["grad"]).norm() / ref["grad"].norm())
+            assert grad_error < 1e-5, (name, grad_error)
+    # Pooling matters: mean and CLS pooling are different models, so the check above can fail.
+    assert results["seed_mean"]["loss"] != pytest.approx(seed["loss"], rel=1e-5)
+
+
+def test_real_step_same_loss_seed_and_packed(captions, tmp_path):
+    """Trainer._step itself (collate -> loss -> backward -> clip -> AdamW) on the same captions."""
+    trainers, _ = _runs(
+        captions, tmp_path, "classify",
+        {"seed": ("seed", []), "packed": ("user", ["data.packing=on", "train.precision=fp32"])},
+    )
+    picks = _mixed_batch(trainers["seed"].train_split)
+    losses = {name: t._step(0, 0, [picks]) for name, t in trainers.items()}
+    assert losses["seed"][1] == losses["packed"][1]  # label cells
+    assert losses["packed"][0] == pytest.approx(losses["seed"][0], rel=1e-5)
+    seed_params = dict(trainers["seed"].model.named_parameters())
+    for name, param in trainers["packed"].model.named_parameters():
+        # One AdamW step moves each weight by ~lr; equal gradients give equal steps.
+        torch.testing.assert_close(param, seed_params[name], rtol=0, atol=1e-6)
+
+
+def test_packed_mlm_matches_padded(captions, tmp_path):
+    """MLM: masks are drawn on the padded batch, then packed; the decoder runs on masked tokens."""
+    trainers, _ = _runs(
+        captions, tmp_path, "mlm", {"padded": FAST_FP32, "packed": ("user", ["data.packing=on", "train.precision=fp32"])}
+    )
+    picks = _mixed_batch(trainers["padded"].train_split)
+    padded, packed = (_forward_backward(trainers[n], picks) for n in ("padded", "packed"))
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+    assert float((packed["grad"] - padded["grad"]).norm() / padded["grad"].norm()) < 1e-5
+
+
+def test_packing_on_refuses_an_attention_that_would_mix_captions(captions, tmp_path):
+    from radtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        _runs(captions, tmp_path, "classify", {"x": ("user", ["data.packing=on", "model.attn_implementation=eager"])})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_varlen_kernels_match_padded_bf16(captions, tmp_path):
+    """On a GPU, packing=auto uses flash-attn or PyTorch's varlen kernel in bf16."""
+    trainers, _ = _runs(captions, tmp_path, "classify", {
+        "padded": ("user", ["data.packing=off", "train.precision=bf16"]),
+        "packed": ("user", ["data.packing=auto", "train.precision=bf16"]),
+    }, exact=False)
+    assert trainers["packed"].packing, "no varlen kernel: install flash-attn or use torch >= 2.10"
+    picks = _mixed_batch(trainers["padded"].train_split)
+    padded, packed = (_forward_backward(trainers[n], picks) for n in ("padded", "packed"))
+    # bf16 matmuls over differently shaped batches: agreement to bf16 precision, not bit-exact.
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=2e-2)
+    assert float((packed["grad"] - padded["grad"]).norm() / padded["grad"].norm()) < 5e-2

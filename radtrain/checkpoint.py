@@ -9,6 +9,7 @@ checkpoint. Rotation keeps ``train.save_total_limit`` checkpoints and never touc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from radtrain import faults
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class TrainerState:
 
     global_step: int = 0
     epoch: int = 0
-    micro_batches_done: int = 0  # of this rank's micro-batches in `epoch`
+    steps_in_epoch: int = 0  # optimizer steps done in `epoch` (the batch plan is per epoch)
     best_metric: float | None = None
     best_step: int | None = None
     best_epoch: float | None = None
@@ -71,6 +74,16 @@ def _manifest_for(directory: Path) -> dict[str, int]:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
+
+
+def _sha256(path: Path) -> str:
+    # ~1 GB/s: a ModernBERT-base checkpoint (weights + Adam moments, ~1.8 GB) costs ~2 s to hash,
+    # next to minutes of training between checkpoints. Sizes alone miss garbage of the same size.
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -132,6 +145,13 @@ class CheckpointManager:
                 "to continue from the exported weights."
             )
 
+    def verify(self, info: CheckpointInfo) -> None:
+        """Deep check before loading: every file's sha256 against the manifest. (Listing and
+        rotation check sizes only, which is cheap; this reads every byte once.)"""
+        for rel, expected in info.manifest.get("sha256", {}).items():
+            if _sha256(info.path / rel) != expected:
+                raise CheckpointError(f"{info.path / rel} does not match its checksum in {MANIFEST} (corrupted)")
+
     def load_state(self, info: CheckpointInfo) -> TrainerState:
         return TrainerState.from_dict(json.loads((info.path / STATE_FILE).read_text()))
 
@@ -146,21 +166,38 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+                faults.hit("checkpoint-write")  # test hook: tensors written, manifest not yet
+                files = _manifest_for(tmp)
+                manifest = {
+                    "fingerprint": self.fingerprint,
+                    "world_size": self.world_size,
+                    "global_step": state.global_step,
+                    "written_at": time.time(),
+                    "files": files,
+                    "sha256": {rel: _sha256(tmp / rel) for rel in files},
+                }
+                with open(tmp / MANIFEST, "w") as handle:
+                    json.dump(manifest, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        except Exception as exc:
+            # A full disk surfaces as OSError, torch.save's RuntimeError or a SafetensorError:
+            # whichever, drop the partial write (its space may be what the next try needs) and
+            # say which checkpoint the next start will resume from.
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.complete_checkpoints()
+            kept = (
+                f"The previous checkpoint {previous[0].path} is intact; the next start resumes from it."
+                if previous
+                else "There is no earlier checkpoint; the next start begins at step 0."
+            )
+            raise CheckpointError(write_failed(final, exc, kept)) from exc
         if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-            manifest = {
-                "fingerprint": self.fingerprint,
-                "world_size": self.world_size,
-                "global_step": state.global_step,
-                "written_at": time.time(),
-                "files": _manifest_for(tmp),
-            }
-            with open(tmp / MANIFEST, "w") as handle:
-                json.dump(manifest, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
             if final.exists():  # same step saved twice (e.g. signal right after an eval save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -170,9 +207,26 @@ class CheckpointManager:
         return final
 
     def _rotate(self) -> None:
+        """Keep the newest ``keep`` complete checkpoints. Only ``checkpoints/`` is touched: ``best/``
+        is a separate export and never rotated."""
         complete = self.complete_checkpoints()
         for old in complete[self.keep :]:
             shutil.rmtree(old.path, ignore_errors=True)
         # Leftovers of writes that were killed.
         for stale in self.root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_failed(target: Path, exc: BaseException, kept: str) -> str:
+    """The message for a failed write of a checkpoint or export: what, why, and what is safe."""
+    where = target.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free on that filesystem"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"could not write {target}: {type(exc).__name__}: {exc} ({free}). Free some space (or make "
+        f"{where} writable, or choose another output_dir) and run the same command again. {kept}"
+    )

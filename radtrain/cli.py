@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from radtrain.checkpoint import CheckpointError
     from radtrain.data.sources import DataError
+    from radtrain.hub import PushError
     from radtrain.trainer import EXIT_RESUME, NonFiniteLossError, ResumeRequested
 
     try:
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"radtrain: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except PushError as exc:
+        print(f"radtrain: error: {exc}", file=sys.stderr)
+        return EXIT_PUSH_FAILED
 
 
 def entry() -> None:

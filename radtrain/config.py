@@ -53,6 +53,11 @@ class DataConfig:
     """Bounds the number of distinct batch shapes (kernel plans, compile caches)."""
     bucket_by_length: bool = True
     """Group captions of similar length into batches so little compute is spent on padding."""
+    packing: str | bool = "auto"
+    """Padding-free batches: each micro-batch's captions concatenated into one row, attention kept
+    per caption (varlen kernels), classifier pooling per caption. Same captions per batch, same
+    loss. 'auto' packs where a varlen attention kernel runs (CUDA with flash-attn or PyTorch's
+    varlen attention), 'on' everywhere (CPU: an exact but not faster fallback), 'off' pads."""
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     cache_dir: str | None = None
@@ -66,6 +71,9 @@ class DataConfig:
         _check(0.0 < self.test_fraction < 0.9, "data.test_fraction must be in (0, 0.9)")
         _check(self.padding in ("longest", "max_length"), "data.padding must be 'longest' or 'max_length'")
         _check(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1")
+        if isinstance(self.packing, bool):  # YAML reads on/off as booleans
+            self.packing = "on" if self.packing else "off"
+        _check(self.packing in ("auto", "on", "off"), f"data.packing must be auto, on or off, got {self.packing!r}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"data.{name} must be positive or null")
@@ -121,6 +129,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     precision: str = "auto"
     """'auto' (bf16 on a GPU that supports it, else fp32), 'fp32' or 'bf16'."""
+    compile: bool = False
+    """torch.compile the model (one graph per padded shape; shapes are bounded by bucketing and
+    data.pad_to_multiple_of). Off by default: see docs/benchmarks.md for where it pays."""
     seed: int = 42
     eval_every_steps: int | None = None
     """Evaluate every N optimizer steps; None evaluates once per epoch."""
@@ -247,6 +258,8 @@ RESUME_SAFE_KEYS = (
     "train.num_workers",
     "train.eval_batch_size",
     "train.save_every_steps",
+    "train.compile",
+    "data.packing",  # packed and padded batches compute the same loss (tests/test_bench.py)
     "data.cache_dir",
 )
 

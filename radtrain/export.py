@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from radtrain.checkpoint import fsync_dir
+from radtrain import faults
+from radtrain.checkpoint import CheckpointError, fsync_dir, write_failed
 from radtrain.data.labels import LabelSpace
 
 META_FILE = "radtrain.json"
@@ -34,6 +35,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
+    faults.hit("export")  # test hook: the window between the two renames
     os.replace(tmp, final)
     fsync_dir(final.parent)
     if old.exists():
@@ -41,9 +43,13 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def recover_dir(final: Path) -> None:
+    """Undo what a kill inside :func:`replace_dir` or an export left: the previous complete
+    directory comes back if the new one never arrived; unfinished ``.tmp`` work is dropped."""
     old = final.with_name(final.name + ".old")
     if not final.exists() and old.exists():
         os.replace(old, final)
+    elif old.exists():  # killed after the swap, before the old copy was deleted
+        shutil.rmtree(old, ignore_errors=True)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,14 +72,18 @@ def export_model(
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if label_space is not None:
-            label_space.save(tmp / LABELS_FILE)
-        if thresholds is not None:
-            (tmp / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        try:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if label_space is not None:
+                label_space.save(tmp / LABELS_FILE)
+            if thresholds is not None:
+                (tmp / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        except Exception as exc:  # e.g. a full disk: the previous export stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(write_failed(out_dir, exc, f"The previous {out_dir.name}/ is unchanged.")) from exc
         replace_dir(tmp, out_dir)
     accelerator.wait_for_everyone()
 

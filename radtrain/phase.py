@@ -54,6 +54,37 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_init_from(init_from: str | None) -> None:
+    """model.init_from must be a model directory (e.g. the MLM run's best/) or a Hub id; the
+    common slip is the run directory itself."""
+    if not init_from:
+        return
+    path = Path(init_from).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        hint = (
+            f" Did you mean {path / 'best'} (the run's export)?"
+            if (path / "best" / "config.json").is_file()
+            else " Point it at a Hugging Face model directory such as an MLM run's best/."
+        )
+        raise ConfigError(f"model.init_from={init_from!r} is a directory without config.json.{hint}")
+    if not path.exists() and (init_from.startswith((".", "/", "~")) or init_from.count("/") > 1):
+        raise ConfigError(f"model.init_from={init_from!r}: no such directory (a local path, not a Hub id)")
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Fail at start, before any training, when output_dir cannot be written."""
+    probe = run_dir / ".radtrain-write-test"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} is not writable ({exc.strerror or exc}); choose a directory "
+            "you can write to (--output-dir), or fix its permissions / free space"
+        ) from exc
+
+
 def check_run_dir(cfg: RunConfig, phase: str, world_size: int) -> None:
     """Refuse an output_dir holding checkpoints of another config before anything is written."""
     manager = CheckpointManager(Path(cfg.output_dir), cfg.fingerprint(phase), world_size, cfg.train.save_total_limit)
@@ -97,7 +128,18 @@ def tokenize_split(tokenizer, split: Split, cfg: RunConfig, labels: LabelSpace |
     return tokenized
 
 
-def build_task(phase: str, cfg: RunConfig, tokenizer, model, label_space: LabelSpace | None):
+def resolve_pos_weight(cfg: RunConfig, label_space: LabelSpace, n_train: int) -> float | list[float] | None:
+    """train.pos_weight as the loss uses it. 'auto': each label's negatives/positives ratio in the
+    training split (the label space's counts), capped at train.pos_weight_cap: uncapped, the
+    rarest kept CUIs would weigh hundreds of times more than a negative and swamp the gradient."""
+    if cfg.train.pos_weight != "auto":
+        return cfg.train.pos_weight
+    counts = np.maximum(np.asarray(label_space.counts, dtype=np.float64), 1.0)
+    ratio = np.clip((n_train - counts) / counts, 1.0, cfg.train.pos_weight_cap)
+    return [round(float(w), 4) for w in ratio]
+
+
+def build_task(phase: str, cfg: RunConfig, tokenizer, model, label_space: LabelSpace | None, n_train: int = 0):
     if phase == "mlm":
         special = [i for i in tokenizer.all_special_ids if i is not None]
         return MLMTask(
@@ -106,7 +148,15 @@ def build_task(phase: str, cfg: RunConfig, tokenizer, model, label_space: LabelS
             special_ids=special,
             mlm_probability=cfg.model.mlm_probability,
         )
-    return MultiLabelTask(num_labels=len(label_space), threshold=cfg.train.threshold, pos_weight=cfg.train.pos_weight)
+    return MultiLabelTask(
+        num_labels=len(label_space),
+        threshold=cfg.train.threshold,
+        pos_weight=resolve_pos_weight(cfg, label_space, n_train),
+        loss=cfg.train.loss,
+        asl_gamma_neg=cfg.train.asl_gamma_neg,
+        asl_gamma_pos=cfg.train.asl_gamma_pos,
+        asl_clip=cfg.train.asl_clip,
+    )
 
 
 def _metric_check(cfg: RunConfig, phase: str) -> None:
@@ -125,7 +175,10 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
         raise ValueError(f"unknown phase {phase!r}")
     _metric_check(cfg, phase)
     started = time.time()
-    accelerator = make_accelerator(resolve_precision(cfg.train.precision), cfg.train.grad_accum)
+    accelerator = make_accelerator(
+        resolve_precision(cfg.train.precision), cfg.train.grad_accum,
+        micro_batch=cfg.train.batch_size, max_grad_norm=cfg.train.max_grad_norm,
+    )
     setup_logging(accelerator.is_main_process)
     if torch.cuda.is_available():
         # cuDNN's SDPA builds a new plan for every new sequence length (measured: 805 vs 314
@@ -135,7 +188,7 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir)
     check_run_dir(cfg, phase, accelerator.num_processes)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable(run_dir)
         recover_dir(run_dir / "best")
     accelerator.wait_for_everyone()
 
@@ -143,6 +196,7 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
     label_space = None
     if phase == "classify":
         label_space = LabelSpace.fit(splits["train"].labels, cfg.data.min_label_count, label_names(cfg, splits))
+    check_init_from(cfg.model.init_from)
     models.check_max_length(cfg.data.max_length, models.source_config(cfg.model))
     tokenizer = prepare_tokenizer(cfg, accelerator, run_dir, splits["train"].texts)
     if accelerator.is_main_process:
@@ -157,7 +211,7 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
         model = models.build_mlm_model(cfg.model, tokenizer, cfg.train.seed)
     else:
         model = models.build_classifier(cfg.model, tokenizer, label_space.cuis, cfg.train.seed)
-    task = build_task(phase, cfg, tokenizer, model, label_space)
+    task = build_task(phase, cfg, tokenizer, model, label_space, n_train=len(splits["train"]))
 
     from radtrain.tracking import make_tracker
 
@@ -187,7 +241,15 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
     def on_best(model, state, gathered) -> None:
         extra = {**meta, "step": state.global_step, "epoch": state.best_epoch, "metric": best_metric,
                  "value": state.best_metric}
-        thresholds = {"global": cfg.train.threshold, "per_label": None} if phase == "classify" else None
+        thresholds = None
+        if phase == "classify":
+            # Tuned on this model's gathered VALIDATION outputs only (every rank computes the same
+            # dict; only the main process writes it and the per-label plot data).
+            from radtrain.plots import PER_LABEL_FILE
+            from radtrain.thresholds import thresholds_for_export
+
+            per_label_path = run_dir / PER_LABEL_FILE if accelerator.is_main_process else None
+            thresholds = thresholds_for_export(cfg.train, gathered, label_space, per_label_path)
         export_model(accelerator, model, tokenizer, run_dir / "best", extra, label_space, thresholds)
 
     trainer = Trainer(
@@ -233,20 +295,60 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
             test = tokenize_split(tokenizer, splits["test"], cfg, label_space, "test")
         summary["test"] = evaluate_export(run_dir / "best", test, accelerator, cfg)
     if accelerator.is_main_process:
+        _add_tuned_validation(summary, run_dir / "best")
         _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
+        _report_run(run_dir, phase, state)
         if summary["test"]:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in summary["test"].items())
             print(f"[radtrain] test (best/ from step {state.best_step}): {shown}", flush=True)
     if tracker is not None:
         tracker.finish(summary)
     accelerator.wait_for_everyone()
+    if phase == "classify" and cfg.hub.repo_id and accelerator.is_main_process:
+        # After the last barrier: an upload can outlast a collective timeout, and the other ranks
+        # have nothing left to do. Failure raises radtrain.hub.PushError (exit 3), nothing local changed.
+        from radtrain.hub import publish_run
+
+        publish_run(run_dir, cfg.hub)
     return summary
+
+
+def _add_tuned_validation(summary: dict[str, Any], best_dir: Path) -> None:
+    """Validation metrics of best/ under its tuned thresholds, as ``<metric>_tuned``. Read from
+    best/thresholds.json (written with the export), so a resumed run reports them too."""
+    thresholds = read_thresholds(best_dir)
+    tuned = thresholds.get("validation_tuned")
+    if tuned and summary.get("validation") is not None:
+        summary["validation"].update({f"{k}_tuned": v for k, v in tuned.items()})
+    if (best_dir / "thresholds.json").is_file():
+        summary["thresholds"] = {
+            k: thresholds.get(k) for k in ("global", "fixed", "top1", "min_support", "labels_with_own_threshold")
+        }
+
+
+def _report_run(run_dir: Path, phase: str, state) -> None:
+    """Main process, end of a run: plots under plots/ and the per-epoch table. A plotting failure
+    is logged, not raised: it must not fail a run whose results are already written."""
+    from radtrain import plots
+
+    try:
+        train_log = plots.read_jsonl(run_dir / "train_log.jsonl")
+        rows = plots.with_train_loss(state.history, train_log)
+        print(f"[radtrain] {phase} per-epoch validation (* = best/):", flush=True)
+        print(plots.epoch_table(rows, phase, state.best_step), flush=True)
+        written = plots.write_plots(run_dir, phase, state.history)
+        log.info("plots: %s", ", ".join(str(p) for p in written))
+    except Exception as exc:  # noqa: BLE001 - reporting is best effort once results are saved
+        log.warning("could not draw the run's plots/table: %s", exc)
 
 
 def load_export_classifier(model_dir: Path, accelerator=None):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    from radtrain.distributed import plain_model_loading
+
+    with plain_model_loading():  # whole on every rank, also inside a ZeRO-3 run
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
     if accelerator is not None:
         model = model.to(accelerator.device)
     return model
@@ -265,7 +367,10 @@ def evaluate_export(
     data = meta.get("data", {})
     thresholds = read_thresholds(model_dir, cfg.train.threshold)
     model = load_export_classifier(model_dir, accelerator)
-    task = MultiLabelTask(num_labels=model.config.num_labels, threshold=threshold or thresholds["global"])
+    # The plain metrics use the fixed threshold (the series' 0.5) when the export was tuned, so
+    # reports show "at 0.5" and "_tuned" side by side; an explicit threshold overrides both.
+    base = threshold if threshold is not None else thresholds.get("fixed", thresholds["global"])
+    task = MultiLabelTask(num_labels=model.config.num_labels, threshold=base)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     pad_multiple = data.get("pad_to_multiple_of", cfg.data.pad_to_multiple_of)
     pad_length = data.get("max_length", cfg.data.max_length) if data.get("padding") == "max_length" else None
@@ -276,13 +381,14 @@ def evaluate_export(
     batch_size = int(meta.get("eval_batch_size") or cfg.train.eval_batch_size or cfg.train.batch_size)
     with accelerator.autocast():
         metrics, gathered = evaluate_split(task, model, accelerator, split, collate_fn, batch_size, cfg.train.seed)
-    per_label = thresholds.get("per_label")
-    if per_label and threshold is None:
+    from radtrain.thresholds import apply_thresholds, is_tuned, threshold_vector
+
+    if is_tuned(thresholds) and threshold is None:
         from radtrain.metrics import multilabel_metrics
 
         _, probs, labels = MultiLabelTask.ordered_outputs(gathered)
         cuis = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        vector = np.array([per_label.get(c, thresholds["global"]) for c in cuis], dtype=np.float32)
-        tuned = multilabel_metrics(labels, probs >= vector)
+        vector = threshold_vector(thresholds, cuis)
+        tuned = multilabel_metrics(labels, apply_thresholds(probs, vector, bool(thresholds.get("top1"))))
         metrics.update({f"{k}_tuned": v for k, v in tuned.items()})
     return metrics

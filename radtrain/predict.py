@@ -35,6 +35,8 @@ class Predictor:
         self.thresholds = np.array(
             [(per_label or {}).get(c, base) for c in self.cuis], dtype=np.float32
         )
+        # 'Always emit the top label' is part of the export's tuned rule; --threshold replaces the rule.
+        self.top1 = bool(thresholds.get("top1")) and threshold is None
         self.max_length = int(read_meta(model_dir).get("data", {}).get("max_length", 256))
 
     @torch.no_grad()
@@ -52,8 +54,11 @@ class Predictor:
     def predict(self, texts: list[str], batch_size: int = 32) -> list[dict]:
         probs = self.probabilities(texts, batch_size)
         results = []
-        for row in probs:
-            chosen = np.flatnonzero(row >= self.thresholds)
+        from radtrain.thresholds import apply_thresholds
+
+        decisions = apply_thresholds(probs, self.thresholds, self.top1)
+        for row, decided in zip(probs, decisions, strict=True):
+            chosen = np.flatnonzero(decided)
             chosen = chosen[np.argsort(-row[chosen])]
             results.append({
                 "cuis": [

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from radtrain.metrics import multilabel_metrics
+from radtrain.packing import model_inputs
 
 
 @dataclass
@@ -51,12 +52,8 @@ class MLMTask:
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # num_items_in_batch=1 makes transformers' MLM loss a plain sum over masked tokens.
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            num_items_in_batch=1,
-        )
+        # model_inputs: the padded batch's tensors, or a packed row with caption boundaries.
+        out = model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1)
         return out.loss
 
     @torch.no_grad()
@@ -92,7 +89,14 @@ class MultiLabelTask:
 
     num_labels: int
     threshold: float = 0.5
-    pos_weight: float | None = None
+    pos_weight: float | list[float] | None = None
+    """One number for every label, or one per label (train.pos_weight=auto); None is plain BCE."""
+    loss: str = "bce"
+    """'bce' (the series) or 'asl' (asymmetric loss). Evaluation loss is always plain BCE, so
+    validation losses compare across loss choices."""
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 1.0
+    asl_clip: float = 0.05
     name: str = "classify"
     default_metric: str = "f1"
     _pos_weight_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -104,16 +108,46 @@ class MultiLabelTask:
         # The seed's BCEWithLogitsLoss averages over every (caption, label) cell.
         return int(batch["labels"].numel())
 
+    def _pos_weight(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.pos_weight is None:
+            return None
+        if self._pos_weight_tensor is None or self._pos_weight_tensor.device != logits.device:
+            weight = torch.as_tensor(self.pos_weight, dtype=torch.float32)
+            self._pos_weight_tensor = weight.expand(logits.shape[-1]).clone().to(logits.device)
+        return self._pos_weight_tensor
+
     def _bce_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pos_weight = None
-        if self.pos_weight is not None:
-            pos_weight = torch.full((logits.shape[-1],), self.pos_weight, device=logits.device)
         return F.binary_cross_entropy_with_logits(
-            logits.float(), labels.float(), pos_weight=pos_weight, reduction="sum"
+            logits.float(), labels.float(), pos_weight=self._pos_weight(logits), reduction="sum"
         )
 
+    def _asl_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Asymmetric loss (Ridnik et al., ICCV 2021), summed like _bce_sum.
+
+        Positives: -(1-p)^gamma_pos * log(p). Negatives: -p_m^gamma_neg * log(1-p_m) with the
+        shifted probability p_m = max(p - clip, 0), so the many easy negatives of a 900-label
+        space stop dominating the gradient. Logs come from logsigmoid (no log(0) in fp32/bf16).
+        """
+        x, y = logits.float(), labels.float()
+        p = torch.sigmoid(x)
+        log_p = F.logsigmoid(x)
+        if self.asl_clip > 0:
+            p_m = (p - self.asl_clip).clamp(min=0)
+            log_not_p_m = torch.log((torch.sigmoid(-x) + self.asl_clip).clamp(max=1.0))
+        else:
+            p_m, log_not_p_m = p, F.logsigmoid(-x)
+        positive = (1 - p).pow(self.asl_gamma_pos) * log_p
+        negative = p_m.pow(self.asl_gamma_neg) * log_not_p_m
+        weight = self._pos_weight(logits)
+        if weight is not None:
+            positive = positive * weight
+        return -(y * positive + (1 - y) * negative).sum()
+
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # A packed batch gives one logits row per caption too (radtrain.packing pools per caption).
+        logits = model(**model_inputs(batch)).logits
+        if self.loss == "asl":
+            return self._asl_sum(logits, batch["labels"])
         return self._bce_sum(logits, batch["labels"])
 
     @torch.no_grad()

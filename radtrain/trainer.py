@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radtrain.checkpoint import CheckpointInfo, CheckpointManager, TrainerState
+from radtrain import faults, packing
+from radtrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, TrainerState
 from radtrain.config import RunConfig
 from radtrain.data.batching import collate, eval_plan, plan_epoch, rank_slice
 from radtrain.data.tokens import TokenizedSplit
@@ -47,21 +48,33 @@ def _generator(*seed_parts: int) -> torch.Generator:
 
 def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
     # As the HF Trainer the series used: no weight decay on biases and normalisation weights.
+    # A model built under DeepSpeed ZeRO-3 (from_pretrained inside a ZeRO-3 run) holds empty 1-d
+    # shards: its real shape is ds_shape. Empty groups are left out: DeepSpeed drops them, and the
+    # LR scheduler (one lambda per group) would then no longer match the optimizer.
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": wd}
+        for params, wd in ((decay, cfg.train.weight_decay), (no_decay, 0.0))
+        if params
     ]
     return torch.optim.AdamW(
         groups,
         lr=cfg.train.lr,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         eps=cfg.train.adam_eps,
-        fused=torch.cuda.is_available() or None,
+        # Fused (one kernel over all parameters) on CUDA and on CPU too: measured 3.5x faster than
+        # the default per-tensor loop on CPU, which was a third of a small model's step.
+        fused=_fused_adamw_supported() or None,
     )
+
+
+def _fused_adamw_supported() -> bool:
+    # torch >= 2.4 has a fused CPU AdamW; older builds only the CUDA one.
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return torch.cuda.is_available() or (major, minor) >= (2, 4)
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -127,12 +140,10 @@ class Trainer:
         self.metric = cfg.train.metric_for_best if task.name == "classify" else task.default_metric
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
-        self.global_batch = cfg.train.batch_size * self.world
+        self.global_batch = cfg.train.batch_size * self.world  # captions per micro-step, all ranks
+        self.step_batch = self.global_batch * cfg.train.grad_accum  # captions per optimizer step
         self.lengths = train_split.lengths
-        self.micro_per_epoch = sum(
-            1 for b in self._global_plan(0) if len(b) >= self.world
-        )
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.train.grad_accum)
+        self.steps_per_epoch = len(self._epoch_steps(0))
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the training split ({len(train_split)} captions) is smaller than one global batch "
@@ -140,6 +151,17 @@ class Trainer:
             )
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.ckpt = CheckpointManager(self.run_dir, fingerprint, self.world, cfg.train.save_total_limit)
+        # Padding-free training micro-batches where a varlen attention kernel makes it pay (see
+        # radtrain/packing.py); evaluation always pads. Decided before prepare() wraps the model.
+        self.packing = packing.resolve(
+            cfg.data.packing, model, accelerator.device, accelerator.mixed_precision, cfg.model.attn_implementation
+        )
+        if self.packing:
+            packing.enable(model, cfg.model.attn_implementation, accelerator.mixed_precision)
+        if cfg.train.compile:
+            # In place (nn.Module.compile): state_dict keys, checkpoints and exports are unchanged.
+            # Shapes: the first one is compiled static, later ones share one dynamic graph.
+            model.compile()
         optimizer = build_optimizer(model, cfg)
         scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * self.total_steps), self.total_steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -148,14 +170,25 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
 
-    def _global_plan(self, epoch: int) -> list[np.ndarray]:
-        return plan_epoch(
-            self.lengths,
-            self.global_batch,
-            seed=self.cfg.train.seed,
-            epoch=epoch,
+    def _epoch_steps(self, epoch: int) -> list[list[np.ndarray]]:
+        """The epoch's optimizer steps, each a list of grad_accum micro global batches.
+
+        The plan is cut in optimizer-step batches first (batch_size x grad_accum x processes
+        captions), then into micro-batches, then per rank: batch 16 on one process, batch 8 x
+        accum 2, and batch 8 on two processes all train on exactly the same captions per step.
+        A final micro-batch with fewer captions than processes is dropped (a rank would be empty).
+        """
+        steps = []
+        plan = plan_epoch(
+            self.lengths, self.step_batch, seed=self.cfg.train.seed, epoch=epoch,
             bucket=self.cfg.data.bucket_by_length,
         )
+        for batch in plan:
+            micro = [batch[i : i + self.global_batch] for i in range(0, len(batch), self.global_batch)]
+            micro = [m for m in micro if len(m) >= self.world]
+            if micro:
+                steps.append(micro)
+        return steps
 
     def _collate(self, split: TokenizedSplit, indices: np.ndarray) -> dict[str, torch.Tensor]:
         data = self.cfg.data
@@ -168,26 +201,45 @@ class Trainer:
         )
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+        # Non-tensors (a packed batch's max_seqlen) stay Python values: the kernels want ints.
+        return {k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # -- resume --------------------------------------------------------------------------------
 
     def resume(self) -> CheckpointInfo | None:
-        """Continue from the newest complete checkpoint of this run directory, if any."""
-        for info in self.ckpt.complete_checkpoints():
+        """Continue from the newest complete checkpoint of this run directory, if any.
+
+        A checkpoint that fails its checksums or does not load is reported and the previous one is
+        tried. If checkpoints exist but none loads, stop rather than silently start over (rotation
+        would then delete them). Optimizer, scheduler and RNG states are loaded with
+        ``weights_only=True`` (no arbitrary unpickling; accelerate allow-lists the numpy types of
+        the RNG state); the weights are safetensors. DeepSpeed's own loader does unpickle.
+        """
+        candidates = self.ckpt.complete_checkpoints()
+        failures = []
+        for info in candidates:
             self.ckpt.check_compatible(info)
             try:
-                self.acc.load_state(str(info.path))
+                self.ckpt.verify(info)
+                self.acc.load_state(str(info.path), load_kwargs={"weights_only": True})
                 self.state = self.ckpt.load_state(info)
             except Exception as exc:  # a checkpoint that validates but does not load: try the previous
-                log.warning("checkpoint %s could not be loaded (%s); trying the previous one", info.path, exc)
+                log.warning("checkpoint %s could not be loaded (%s: %s); trying the previous one",
+                            info.path, type(exc).__name__, exc)
+                failures.append(f"{info.path.name}: {type(exc).__name__}: {exc}")
                 continue
             self._truncate_logs(self.state.global_step)
             log.info(
                 "resumed from %s (step %d, epoch %d, batch %d of the epoch)",
-                info.path, self.state.global_step, self.state.epoch, self.state.micro_batches_done,
+                info.path, self.state.global_step, self.state.epoch, self.state.steps_in_epoch,
             )
             return info
+        if failures:
+            raise CheckpointError(
+                f"no checkpoint in {self.ckpt.root} could be loaded ({'; '.join(failures)}). Move "
+                f"{self.ckpt.root} aside to start this run from step 0, or use a new output_dir."
+            )
+        self._truncate_logs(0)  # rows of an earlier attempt killed before its first checkpoint
         return None
 
     def _truncate_logs(self, step: int) -> None:
@@ -252,23 +304,21 @@ class Trainer:
 
     def _loop(self, progress) -> None:
         st, cfg = self.state, self.cfg
-        accum = cfg.train.grad_accum
         window_loss, window_items, window_t0 = 0.0, 0, time.perf_counter()
         last_eval_step = st.history[-1]["step"] if st.history else -1
         while st.global_step < self.total_steps:
-            plan = [b for b in self._global_plan(st.epoch) if len(b) >= self.world]
-            mine = [rank_slice(b, self.rank, self.world) for b in plan]
-            group_start = st.micro_batches_done
-            while group_start < len(mine) and st.global_step < self.total_steps:
-                group = list(range(group_start, min(group_start + accum, len(mine))))
+            epoch, steps = st.epoch, self._epoch_steps(st.epoch)
+            # `st.epoch == epoch`: at the end of an epoch steps_in_epoch is reset to 0, and without
+            # this check the next epoch would replay this epoch's plan (a resumed run would not).
+            while st.epoch == epoch and st.steps_in_epoch < len(steps) and st.global_step < self.total_steps:
+                micro = steps[st.steps_in_epoch]
                 t0 = time.perf_counter()
-                loss_sum, items = self._step(st.epoch, group, mine)
-                st.micro_batches_done = group[-1] + 1
+                loss_sum, items = self._step(st.epoch, st.steps_in_epoch, micro)
+                st.steps_in_epoch += 1
                 st.train_time_s += time.perf_counter() - t0
-                for g in group:
-                    st.captions_seen += len(plan[g])
-                    st.tokens_seen += int(self.lengths[plan[g]].sum())
-                group_start = st.micro_batches_done
+                for batch in micro:
+                    st.captions_seen += len(batch)
+                    st.tokens_seen += int(self.lengths[batch].sum())
                 window_loss += loss_sum
                 window_items += items
                 if progress is not None:
@@ -277,10 +327,10 @@ class Trainer:
                     elapsed = time.perf_counter() - window_t0
                     self._log_train(window_loss / window_items, elapsed)
                     window_loss, window_items, window_t0 = 0.0, 0, time.perf_counter()
-                epoch_done = st.micro_batches_done >= len(mine)
+                epoch_done = st.steps_in_epoch >= len(steps)
                 if epoch_done:
                     st.epoch += 1
-                    st.micro_batches_done = 0
+                    st.steps_in_epoch = 0
                 due = (
                     epoch_done
                     or (cfg.train.eval_every_steps and st.global_step % cfg.train.eval_every_steps == 0)
@@ -297,13 +347,16 @@ class Trainer:
                         f"stopped on signal {self.stop.signum} at step {st.global_step}; checkpoint saved"
                     )
 
-    def _step(self, epoch: int, group: list[int], mine: list[np.ndarray]) -> tuple[float, int]:
-        """One optimizer step over `group` micro-batches. Returns (summed loss, items) on this rank."""
+    def _step(self, epoch: int, step_in_epoch: int, micro: list[np.ndarray]) -> tuple[float, int]:
+        """One optimizer step over the micro global batches in `micro`; this rank trains on its
+        slice of each. Returns (summed loss, items) of this rank."""
         cfg, st = self.cfg, self.state
         batches = []
-        for g in group:
-            batch = self._collate(self.train_split, mine[g])
-            batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, g, self.rank))
+        for j, global_batch in enumerate(micro):
+            batch = self._collate(self.train_split, rank_slice(global_batch, self.rank, self.world))
+            batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, step_in_epoch, j, self.rank))
+            if self.packing:  # after prepare: MLM masks are drawn on the padded batch either way
+                batch = packing.pack(batch, token_labels=self.task.name == "mlm")
             batches.append(self._to_device(batch))
         local_items = sum(self.task.num_items(b) for b in batches)
         # The loss is normalised by the items of the whole global batch (all micro-batches, all
@@ -320,9 +373,10 @@ class Trainer:
             self.acc.sync_gradients = last
             context = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with context:
-                loss_sum = self.task.loss_sum(self.model, batch)
+                loss_sum = faults.poison_loss(self.task.loss_sum(self.model, batch), st.global_step + 1)
                 self.acc.backward(loss_sum * scale)
             total += loss_sum.detach().float()
+        faults.hit("step", st.global_step + 1)  # test hook (kill / signal inside a step)
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
@@ -342,7 +396,7 @@ class Trainer:
             st.nan_steps_skipped += 1
             st.consecutive_nan_steps += 1
             log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)",
-                        st.global_step, st.consecutive_nan_steps)
+                        st.global_step + 1, st.consecutive_nan_steps)
             if st.consecutive_nan_steps >= cfg.train.max_nan_steps:
                 raise NonFiniteLossError(
                     f"{st.consecutive_nan_steps} optimizer steps in a row had a non-finite loss or gradient "
@@ -367,7 +421,7 @@ class Trainer:
         st = self.state
         row = {
             "step": st.global_step,
-            "epoch": round(st.epoch + st.micro_batches_done / max(1, self.micro_per_epoch), 4),
+            "epoch": round(st.epoch + st.steps_in_epoch / max(1, self.steps_per_epoch), 4),
             "train_loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             "captions_per_s": st.captions_seen / max(st.train_time_s, 1e-9),
@@ -390,7 +444,8 @@ class Trainer:
     def _evaluate_and_save(self) -> None:
         st = self.state
         metrics, gathered = self.evaluate(self.eval_split)
-        epoch = round(st.epoch + st.micro_batches_done / max(1, self.micro_per_epoch), 4)
+        faults.hit("eval")  # test hook: forward passes done, nothing written yet
+        epoch = round(st.epoch + st.steps_in_epoch / max(1, self.steps_per_epoch), 4)
         row = {"step": st.global_step, "epoch": epoch, **metrics}
         value = metrics[self.metric]
         improved = is_better(self.metric, value, st.best_metric)

@@ -123,7 +123,8 @@ def test_best_export_loads_with_transformers(runs):
     assert model.config.problem_type == "multi_label_classification"
     assert [model.config.id2label[i] for i in range(model.config.num_labels)] == [x["cui"] for x in labels]
     classify = pipeline("text-classification", model=str(best), top_k=None)
-    out = classify("Chest radiograph showing a right pneumothorax.")
+    # A list in, one list of {label, score} per text out (transformers 5 nests even a single string).
+    out = classify(["Chest radiograph showing a right pneumothorax."])[0]
     assert len(out) == model.config.num_labels
     assert all(item["label"].startswith("C") and 0.0 <= item["score"] <= 1.0 for item in out)
 

@@ -29,6 +29,9 @@ SPLIT_ALIASES = {
     "test": ("test", "testing"),
 }
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# A record id, when the data has one (ROCO: image_id). Used only to report duplicated rows and
+# rows shared between splits; records are never dropped or merged because of it.
+ID_COLUMNS = ("image_id", "id")
 
 
 class DataError(ValueError):
@@ -44,6 +47,8 @@ class Split:
     origin: str
     dropped_empty: int = 0
     names: dict[str, str] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
+    """Parallel to texts when the data has an id column (ID_COLUMNS), else empty."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -55,6 +60,7 @@ class Split:
             labels=[self.labels[i] for i in idx],
             origin=origin or self.origin,
             names=self.names,
+            ids=[self.ids[i] for i in idx] if self.ids else [],
         )
 
 
@@ -185,10 +191,15 @@ def _collect(
     labels: list[list[str]] = []
     names: dict[str, str] = {}
     dropped: list[str] = []
+    ids: list[str] = []
+    first_seen: dict[str, str] = {}
+    duplicates: list[str] = []
+    id_column = None
     checked_columns = False
     for where, row in rows:
         if not checked_columns:
             _require_columns(origin, row.keys(), [cfg.text_column] + ([cfg.label_column] if need_labels else []))
+            id_column = next((c for c in ID_COLUMNS if c in row and c not in (cfg.text_column, cfg.label_column)), None)
             checked_columns = True
         if need_labels and cfg.label_column not in row:
             raise DataError(f"{where}: no {cfg.label_column!r} field; fields present: {sorted(row)}")
@@ -201,13 +212,42 @@ def _collect(
             row_names = parse_labels(row[cfg.label_name_column], "|", where)
             if len(row_names) == len(cuis):
                 names.update(zip(cuis, row_names, strict=True))
+        if id_column is not None:
+            record_id = str(row.get(id_column))
+            if record_id in first_seen:
+                duplicates.append(f"{id_column}={record_id!r} at {first_seen[record_id]} and {where}")
+            else:
+                first_seen[record_id] = where
+            ids.append(record_id)
         texts.append(text.strip())
         labels.append(list(dict.fromkeys(cuis)))  # de-duplicate, keep order
     if dropped:
         log.warning(
-            "%s: dropped %d empty or non-string captions (first: %s)", origin, len(dropped), ", ".join(dropped[:3])
+            "%s: dropped %d empty or non-string captions (first: %s); fix those rows, or set data.text_column "
+            "if the captions are in another field",
+            origin, len(dropped), ", ".join(dropped[:3]),
         )
-    return Split(texts=texts, labels=labels, origin=origin, dropped_empty=len(dropped), names=names)
+    if duplicates:
+        log.warning(
+            "%s: %d duplicate ids (%s); the rows are all kept. If they are copies, delete them: a copy weighs "
+            "its caption twice", origin, len(duplicates), "; ".join(duplicates[:3]),
+        )
+    return Split(texts=texts, labels=labels, origin=origin, dropped_empty=len(dropped), names=names, ids=ids)
+
+
+def _warn_shared_ids(splits: dict[str, Split]) -> None:
+    """A record in two splits inflates the held-out scores; say which ones (kept as they are)."""
+    names = [n for n in ("train", "validation", "test") if n in splits and splits[n].ids]
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            shared = sorted(set(splits[first].ids) & set(splits[second].ids))
+            if shared:
+                log.warning(
+                    "%d ids are in both the %s split (%s) and the %s split (%s), e.g. %s: their %s scores are "
+                    "optimistic. Remove them from one of the files.",
+                    len(shared), first, splits[first].origin, second, splits[second].origin,
+                    ", ".join(shared[:5]), second,
+                )
 
 
 def _find_split_files(directory: Path) -> dict[str, list[Path]]:
@@ -261,6 +301,11 @@ def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
         dataset_dict = datasets.load_dataset(cfg.source, columns=columns)
     except (TypeError, ValueError):
         dataset_dict = datasets.load_dataset(cfg.source)
+    except ConnectionError as exc:  # HF_HUB_OFFLINE=1 and not cached (or no network): say what to fetch
+        raise DataError(
+            f"data.source={cfg.source!r}: {exc}. Offline? Run `radtrain prefetch --data {cfg.source}` (same data.* "
+            "settings) where the Hub is reachable, with the HF_HOME this job uses"
+        ) from exc
     splits: dict[str, Split] = {}
     for name, dataset in dataset_dict.items():
         canonical = next((k for k, aliases in SPLIT_ALIASES.items() if name.lower() in aliases), None)
@@ -291,10 +336,12 @@ def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
             )
         splits = {}
         for name, paths in files.items():
-            rows = (row for path in paths for row in _rows(path, columns))
+            rows = (row for path in paths for row in _rows(path, columns + list(ID_COLUMNS)))
             splits[name] = _collect(rows, cfg, ", ".join(str(p) for p in paths), need_labels)
     elif source.is_file():
-        splits = _split_single_file(_collect(_rows(source, columns), cfg, str(source), need_labels), cfg)
+        splits = _split_single_file(
+            _collect(_rows(source, columns + list(ID_COLUMNS)), cfg, str(source), need_labels), cfg
+        )
     elif source.exists() or cfg.source.startswith((".", "/", "~")) or Path(cfg.source).suffix in FILE_SUFFIXES:
         raise DataError(f"data.source={cfg.source!r}: no such file or directory")
     else:
@@ -303,9 +350,14 @@ def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
             raise DataError(f"data.source={cfg.source!r}: the dataset has no train split")
     for name, split in splits.items():
         if len(split) == 0:
-            raise DataError(f"{split.origin}: the {name} split has no usable captions")
+            raise DataError(
+                f"{split.origin}: the {name} split has no usable captions (no rows, or every "
+                f"{cfg.text_column!r} empty or not a string). Fill it, or point data.text_column at the caption "
+                "field" + ("; without a validation file one is cut from train" if name == "validation" else "")
+            )
     if "validation" not in splits:
         _resplit_validation(splits, cfg)
+    _warn_shared_ids(splits)
     if "test" not in splits:
         log.warning("%s has no test split: the final test evaluation will be skipped", cfg.source)
     if cfg.max_train_samples:

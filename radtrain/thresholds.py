@@ -1,0 +1,187 @@
+"""Decision thresholds tuned on VALIDATION outputs only, stored as the export's thresholds.json.
+
+The series decides every CUI at a fixed 0.5. With hundreds of labels, most of them rare, the
+sigmoid outputs of rare labels rarely cross 0.5, so recall (and macro F1) suffers. This module:
+
+1. picks one global threshold that maximises micro F1 on validation (the model-selection metric);
+2. for labels with at least ``min_support`` validation positives, picks the threshold that
+   maximises that label's F1, then shrinks it toward the global one with a prior worth
+   ``min_support`` captions: ``t = (n * t_label + m * t_global) / (n + m)``. A label with few
+   positives has a noisy F1 curve (one caption moves it by a lot), so it stays near the global
+   threshold; labels under ``min_support`` keep the global threshold exactly;
+3. optionally always emits each caption's most probable label (``top1``; ImageCLEF scores every
+   caption, and an empty prediction scores 0 there).
+
+The functions take validation arrays and nothing else: no path, no split name, so they cannot
+read test data. ``tune_thresholds`` returns the dict stored in ``best/thresholds.json``:
+``{'global': float, 'per_label': {cui: float} | None, 'top1': bool, 'fixed': float, ...}``;
+``fixed`` is the untuned threshold, used for the "at 0.5" figures next to the tuned ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from radtrain.metrics import multilabel_metrics
+
+# 0.02 .. 0.95: finer steps buy nothing measurable with ~1k validation captions.
+DEFAULT_GRID = np.round(np.arange(0.02, 0.951, 0.01), 4)
+
+
+def apply_thresholds(probs: np.ndarray, thresholds: np.ndarray | float, top1: bool = False) -> np.ndarray:
+    """Boolean predictions: prob >= threshold (per label or one number), plus the argmax if top1."""
+    probs = np.asarray(probs)
+    pred = probs >= np.asarray(thresholds, dtype=probs.dtype if probs.dtype.kind == "f" else np.float32)
+    if top1 and probs.size:
+        pred[np.arange(len(probs)), probs.argmax(1)] = True
+    return pred
+
+
+def threshold_vector(thresholds: dict[str, Any], cuis: Sequence[str]) -> np.ndarray:
+    """The per-label threshold of each CUI in model order; labels without one use the global."""
+    per_label = thresholds.get("per_label") or {}
+    return np.array([per_label.get(c, thresholds["global"]) for c in cuis], dtype=np.float32)
+
+
+def is_tuned(thresholds: dict[str, Any]) -> bool:
+    """Whether the export carries a tuned decision rule, or one that differs from the plain fixed
+    threshold: then reports add '_tuned' metrics (on validation and test alike, even when the
+    tuning happened to land on the fixed threshold)."""
+    fixed = thresholds.get("fixed", thresholds.get("global"))
+    return (
+        thresholds.get("tuned_on") is not None
+        or bool(thresholds.get("per_label"))
+        or bool(thresholds.get("top1"))
+        or thresholds.get("global") != fixed
+    )
+
+
+def _top1_mask(probs: np.ndarray, top1: bool) -> np.ndarray:
+    forced = np.zeros(probs.shape, dtype=bool)
+    if top1 and probs.size:
+        forced[np.arange(len(probs)), probs.argmax(1)] = True
+    return forced
+
+
+def _best_on_grid(scores: np.ndarray, grid: np.ndarray) -> float:
+    """The grid value with the best score; ties (flat F1 plateaus are common) resolve to the
+    middle of the tied values, which generalises better than the plateau's edge."""
+    tied = np.flatnonzero(scores >= scores.max() - 1e-12)
+    return float(grid[tied[len(tied) // 2]])
+
+
+def _per_label_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tp = (pred & truth).sum(0)
+    fp = (pred & ~truth).sum(0)
+    fn = (~pred & truth).sum(0)
+    return tp, fp, fn
+
+
+def tune_thresholds(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    cuis: Sequence[str],
+    *,
+    min_support: int = 5,
+    top1: bool = False,
+    per_label: bool = True,
+    fixed: float = 0.5,
+    grid: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Tune thresholds on validation probabilities ``probs`` and 0/1 ``labels`` (n_captions, n_labels).
+
+    Returns the thresholds.json dict, with the validation metrics at the fixed threshold and with
+    the tuned rule (``validation_fixed`` / ``validation_tuned``) so reports need not recompute them.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    truth = np.asarray(labels).astype(bool)
+    if probs.shape != truth.shape:
+        raise ValueError(f"probs {probs.shape} and labels {truth.shape} differ in shape")
+    if probs.shape[1] != len(cuis):
+        raise ValueError(f"{probs.shape[1]} label columns but {len(cuis)} CUIs")
+    if min_support < 1:
+        raise ValueError("min_support must be >= 1")
+    grid = DEFAULT_GRID if grid is None else np.asarray(grid, dtype=np.float32)
+    forced = _top1_mask(probs, top1)
+
+    # Global threshold: micro F1 over the grid. One pass per grid value over the (n x L) matrix.
+    micro = np.zeros(len(grid))
+    label_f1 = np.zeros((len(grid), truth.shape[1]))
+    for g, value in enumerate(grid):
+        pred = (probs >= value) | forced
+        tp, fp, fn = _per_label_counts(pred, truth)
+        denom = 2 * tp.sum() + fp.sum() + fn.sum()
+        micro[g] = 2 * tp.sum() / denom if denom else 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            label_f1[g] = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    global_t = _best_on_grid(micro, grid) if len(truth) else fixed
+
+    tuned: dict[str, float] | None = None
+    support = truth.sum(0)
+    if per_label:
+        tuned = {}
+        for j in np.flatnonzero(support >= min_support):
+            best = _best_on_grid(label_f1[:, j], grid)
+            n = float(support[j])
+            value = (n * best + min_support * global_t) / (n + min_support)
+            tuned[cuis[j]] = round(float(value), 4)
+        tuned = tuned or None
+
+    result: dict[str, Any] = {
+        "global": round(global_t, 4),
+        "per_label": tuned,
+        "top1": bool(top1),
+        "fixed": float(fixed),
+        "min_support": int(min_support),
+        "tuned_on": "validation",
+        "validation_captions": int(len(truth)),
+        "labels_with_own_threshold": len(tuned or {}),
+    }
+    vector = threshold_vector(result, cuis)
+    result["validation_fixed"] = multilabel_metrics(truth, apply_thresholds(probs, fixed))
+    result["validation_tuned"] = multilabel_metrics(truth, apply_thresholds(probs, vector, top1))
+    return result
+
+
+def fixed_thresholds(fixed: float = 0.5, top1: bool = False) -> dict[str, Any]:
+    """The untuned decision rule (train.tune_thresholds=false), in the same format."""
+    return {"global": float(fixed), "per_label": None, "top1": bool(top1), "fixed": float(fixed)}
+
+
+def thresholds_for_export(train_cfg, gathered: dict[str, np.ndarray], label_space, per_label_path=None) -> dict[str, Any]:
+    """The best-model hook's thresholds from the gathered VALIDATION outputs of that model.
+
+    ``train_cfg`` is the run's TrainConfig (tune_thresholds, threshold_min_support, always_top1,
+    threshold). When ``per_label_path`` is given (main process), the per-label validation F1 at
+    the fixed and tuned rule is saved there for the per-label plot.
+    """
+    from radtrain.metrics import per_label_f1
+    from radtrain.tasks import MultiLabelTask
+
+    _, probs, labels = MultiLabelTask.ordered_outputs(gathered)
+    cuis = label_space.cuis
+    if train_cfg.tune_thresholds:
+        result = tune_thresholds(
+            probs, labels, cuis, min_support=train_cfg.threshold_min_support,
+            top1=train_cfg.always_top1, fixed=train_cfg.threshold,
+        )
+    else:
+        result = fixed_thresholds(train_cfg.threshold, train_cfg.always_top1)
+        if train_cfg.always_top1:
+            truth = np.asarray(labels).astype(bool)
+            result["validation_tuned"] = multilabel_metrics(truth, apply_thresholds(probs, train_cfg.threshold, True))
+    if per_label_path is not None:
+        from radtrain.plots import save_per_label
+
+        f1_tuned = None
+        if is_tuned(result):
+            pred = apply_thresholds(probs, threshold_vector(result, cuis), result["top1"])
+            f1_tuned = per_label_f1(labels, pred)
+        save_per_label(
+            per_label_path, cuis, label_space.counts, np.asarray(labels).sum(0),
+            per_label_f1(labels, apply_thresholds(probs, train_cfg.threshold)), f1_tuned,
+        )
+    return result

@@ -70,12 +70,12 @@ def test_run_directory_contract(runs):
 def test_classifier_beats_an_untrained_one(runs, roco_dir):
     """Micro F1 of the trained classifier vs the same architecture with an untrained head."""
     from radtrain.config import load_config
+    from radtrain.data.batching import collate
     from radtrain.data.labels import LabelSpace
+    from radtrain.data.sources import load_splits
     from radtrain.distributed import make_accelerator
     from radtrain.models import build_classifier, load_tokenizer
     from radtrain.phase import tokenize_split
-    from radtrain.data.sources import load_splits
-    from radtrain.data.batching import collate
     from radtrain.tasks import MultiLabelTask
     from radtrain.trainer import evaluate_split
 

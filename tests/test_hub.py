@@ -327,6 +327,8 @@ def test_offline_job_names_what_is_not_cached(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
     data = write_roco_slice(tmp_path / "roco.jsonl", 10)
+    # tests/run.sh runs the suite with HF_HUB_OFFLINE=1: prefetch is for where the Hub is reachable.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert main(["prefetch", "--data", str(data)]) == 0
     assert "local, nothing to fetch" in capsys.readouterr().out
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -306,7 +306,7 @@ def build_trainer(cfg: RunConfig, shared: _Shared, run_dir: Path):
     else:
         model = models.build_classifier(cfg.model, shared.tokenizer, shared.label_space.cuis, cfg.train.seed)
     train = shared.train_split(cfg)
-    task = build_task(shared.phase, cfg, shared.tokenizer, model, shared.label_space, n_train=len(train))
+    task = build_task(shared.phase, cfg, shared.tokenizer, shared.label_space, n_train=len(train))
     trainer = _observed_trainer_class()(
         cfg=cfg,
         task=task,

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from radtrain import faults
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,19 @@ class TrainerState:
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank: a collective (one all-reduce of a scalar).
+
+    A failure inside a collective write or load must be agreed, or the ranks that did not fail
+    wait forever for the one that raised (and ranks that fall back alone resume from different
+    steps). Every rank must call it the same number of times.
+    """
+    if accelerator.num_processes == 1:
+        return flag
+    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
+    return bool(count.item() > 0)
 
 
 def fsync_dir(path: Path) -> None:
@@ -103,6 +118,9 @@ class CheckpointManager:
         self.fingerprint = fingerprint
         self.world_size = world_size
         self.keep = keep
+        # The step of the newest checkpoint this process wrote or resumed from: a second save of
+        # the same state (a stop signal on an evaluation step) is skipped instead of replacing it.
+        self.last_saved_step: int | None = None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -158,18 +176,34 @@ class CheckpointManager:
     # -- writing -------------------------------------------------------------------------------
 
     def save(self, accelerator, state: TrainerState) -> Path:
-        """Collective: every rank must call it (DeepSpeed shards are written by their owners)."""
+        """Collective: every rank must call it (DeepSpeed shards are written by their owners).
+
+        A failure on any rank is agreed by all ranks (:func:`any_rank`), so every rank raises the
+        same CheckpointError instead of the healthy ones waiting forever; only the main rank
+        deletes the partial write (on a shared filesystem it holds every rank's shards)."""
         final = self.root / f"step-{state.global_step:08d}"
         tmp = self.root / f".tmp-step-{state.global_step:08d}"
-        if accelerator.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
+        if self.last_saved_step == state.global_step:  # the same on every rank
+            # This exact step is already saved (a stop signal right after an evaluation's save):
+            # keep it rather than replace it. The main rank's view of the directory decides.
+            missing = accelerator.is_main_process and self._validate(final) is None
+            if not any_rank(accelerator, missing):
+                return final
+        error: BaseException | None = None
         try:
-            accelerator.save_state(str(tmp), safe_serialization=True)
-            accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+        except Exception as exc:
+            error = exc
+        if not any_rank(accelerator, error is not None):  # also the barrier before the write
+            try:
+                accelerator.save_state(str(tmp), safe_serialization=True)
+            except Exception as exc:
+                error = exc
+        if not any_rank(accelerator, error is not None) and accelerator.is_main_process:
+            try:
                 (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
                 faults.hit("checkpoint-write")  # test hook: tensors written, manifest not yet
                 files = _manifest_for(tmp)
@@ -185,25 +219,31 @@ class CheckpointManager:
                     json.dump(manifest, handle)
                     handle.flush()
                     os.fsync(handle.fileno())
-        except Exception as exc:
+            except Exception as exc:
+                error = exc
+        if any_rank(accelerator, error is not None):
             # A full disk surfaces as OSError, torch.save's RuntimeError or a SafetensorError:
             # whichever, drop the partial write (its space may be what the next try needs) and
             # say which checkpoint the next start will resume from.
-            shutil.rmtree(tmp, ignore_errors=True)
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
             previous = self.complete_checkpoints()
             kept = (
                 f"The previous checkpoint {previous[0].path} is intact; the next start resumes from it."
                 if previous
                 else "There is no earlier checkpoint; the next start begins at step 0."
             )
-            raise CheckpointError(write_failed(final, exc, kept)) from exc
+            if error is None:
+                error = RuntimeError("another process failed to write its part of the checkpoint")
+            raise CheckpointError(write_failed(final, error, kept)) from error
         if accelerator.is_main_process:
-            if final.exists():  # same step saved twice (e.g. signal right after an eval save)
+            if final.exists():  # an older write of this step (e.g. one that did not load on resume)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.root)
             self._rotate()
         accelerator.wait_for_everyone()
+        self.last_saved_step = state.global_step
         return final
 
     def _rotate(self) -> None:

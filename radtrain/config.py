@@ -134,7 +134,7 @@ class TrainConfig:
     data.pad_to_multiple_of). Off by default: see docs/benchmarks.md for where it pays."""
     seed: int = 42
     eval_every_steps: int | None = None
-    """Evaluate every N optimizer steps; None evaluates once per epoch."""
+    """Evaluate every N optimizer steps, in addition to the end of each epoch; None: per epoch only."""
     save_every_steps: int | None = None
     """Extra resumable checkpoints between evaluations (every evaluation also saves one)."""
     metric_for_best: str = "f1"
@@ -143,7 +143,6 @@ class TrainConfig:
     threshold: float = 0.5
     max_nan_steps: int = 5
     """Consecutive non-finite losses tolerated (steps skipped) before the run stops."""
-    num_workers: int = 0
     pos_weight: float | str | None = None
     """Imbalance: None is the series' plain BCE; a number multiplies every label's positive term;
     'auto' uses each label's training negatives/positives ratio, capped at train.pos_weight_cap."""
@@ -255,7 +254,6 @@ RESUME_SAFE_KEYS = (
     "hub",
     "tracking",
     "train.log_every_steps",
-    "train.num_workers",
     "train.eval_batch_size",
     "train.save_every_steps",
     "train.compile",
@@ -416,5 +414,12 @@ def build_config(flat: dict[str, Any]) -> RunConfig:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a config saved with to_dict()/to_yaml() (e.g. a run directory's config.yaml)."""
-    return build_config(_flatten(data, "saved config"))
+    """Rebuild a config saved with to_dict()/to_yaml() (e.g. a run directory's config.yaml).
+    Keys radtrain no longer has are dropped: a run saved by an older version still resumes."""
+    flat = _flatten(data, "saved config")
+    return build_config({k: v for k, v in flat.items() if k not in RETIRED_KEYS})
+
+
+# Keys older versions wrote into config.yaml that no longer exist (train.num_workers: no
+# DataLoader ever read it; batches are built in-process from the token cache).
+RETIRED_KEYS = ("train.num_workers",)

@@ -41,13 +41,13 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | None = None) -> dict[str, Any]:
-    from radtrain.data.synthetic import write_dataset
+    from radtrain.data.synthetic import dataset_complete, write_dataset
     from radtrain.phase import run_phase
     from radtrain.predict import Predictor
 
     root = Path(output_dir)
     data_dir = root / "data"
-    if not (data_dir / "train.jsonl").is_file():
+    if not dataset_complete(data_dir):  # also rewrites one a killed demo left half written
         write_dataset(data_dir, **DEMO_DATA)
     data = {"data": {"source": str(data_dir), "label_names": str(data_dir / "cui_names.json")}}
     mlm_cfg = load_config(

@@ -29,26 +29,41 @@ def _first_host(nodelist: str) -> str:
     return nodelist.split(",")[0].split("[")[0]
 
 
-def export_slurm_env() -> None:
+def slurm_master_port() -> int:
+    """One port per job (two jobs sharing a node must not collide): the one rule for every launch
+    path: srun tasks, submitit members, and slurm/{mlm,classify}.sbatch (which repeat it in bash)."""
+    job = int(os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "0")) or 0)
+    task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
+    return 20000 + (job * 7 + task) % 20000
+
+
+def export_slurm_env(overwrite: bool = False) -> None:
     """Under ``srun`` with one task per GPU (no torchrun), map SLURM's task variables to torch's.
 
-    Does nothing when a launcher already set RANK (accelerate launch, torchrun) or when the job
-    has a single task.
+    Does nothing when the job has a single task, nor (unless ``overwrite``) when a launcher already
+    set RANK (accelerate launch, torchrun). ``overwrite=True`` is for submitit members, whose
+    processes are SLURM tasks: a job submitted from inside another job must not keep its parent's
+    ranks. All GPUs of the node stay visible: accelerate selects cuda:LOCAL_RANK itself. An explicit
+    MASTER_PORT (e.g. from the job file's env section) is kept in both cases.
     """
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    if "SLURM_PROCID" not in os.environ or ("RANK" in os.environ and not overwrite):
         return
     ntasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")))
     if ntasks <= 1:
         return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = str(ntasks)
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-    os.environ.setdefault("MASTER_ADDR", _first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-    # One port per job: two jobs sharing a node must not collide.
-    job = int(os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "0")) or 0)
-    task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
-    os.environ.setdefault("MASTER_PORT", str(20000 + (job * 7 + task) % 20000))
+    ranks = {
+        "RANK": os.environ["SLURM_PROCID"],
+        "WORLD_SIZE": str(ntasks),
+        "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0],
+        "MASTER_ADDR": _first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+    }
+    for key, value in ranks.items():
+        if overwrite or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(slurm_master_port()))
 
 
 def world_size_from_env() -> int:

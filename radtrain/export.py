@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from radtrain import faults
-from radtrain.checkpoint import CheckpointError, fsync_dir, write_failed
+from radtrain.checkpoint import CheckpointError, any_rank, fsync_dir, write_failed
 from radtrain.data.labels import LabelSpace
 
 META_FILE = "radtrain.json"
@@ -65,14 +65,16 @@ def export_model(
     thresholds: dict[str, Any] | None = None,
 ) -> None:
     """Collective: every rank must call it. Under ZeRO-3 the full weights are gathered from all
-    ranks (``get_state_dict``), so a rank-0-only call would hang; only rank 0 writes files."""
+    ranks (``get_state_dict``), so a rank-0-only call would hang; only rank 0 writes files. A
+    failed write (e.g. a full disk on rank 0) raises the same CheckpointError on every rank."""
     state_dict = accelerator.get_state_dict(model)
+    out_dir = Path(out_dir)
+    error: BaseException | None = None
     if accelerator.is_main_process:
-        out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
         try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -83,9 +85,17 @@ def export_model(
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
         except Exception as exc:  # e.g. a full disk: the previous export stays as it was
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(write_failed(out_dir, exc, f"The previous {out_dir.name}/ is unchanged.")) from exc
-        replace_dir(tmp, out_dir)
-    accelerator.wait_for_everyone()
+            error = exc
+        else:
+            try:
+                replace_dir(tmp, out_dir)
+            except Exception as exc:  # the previous export is in place or in .old (recover_dir)
+                error = exc
+    # Replaces a plain barrier: the other ranks learn that rank 0 failed instead of waiting.
+    if any_rank(accelerator, error is not None):
+        if error is None:
+            error = RuntimeError("the main process failed to write the export")
+        raise CheckpointError(write_failed(out_dir, error, f"The previous {out_dir.name}/ is unchanged.")) from error
 
 
 def read_meta(model_dir: str | Path) -> dict[str, Any]:

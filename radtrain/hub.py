@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from radtrain.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 RECORDER_ENV = "RADTRAIN_HUB_RECORDER"
@@ -49,7 +51,10 @@ SKIP_SUFFIXES = (".tmp", ".old", ".lock")
 
 
 class PushError(RuntimeError):
-    """Publishing failed; the training results on disk are intact. ``radtrain`` exits with 3."""
+    """Publishing failed at the Hub (network, auth, server); the training results on disk are
+    intact. ``radtrain`` exits with 3. Problems found locally before any network call (no such
+    directory, incomplete or MLM export, bad repo id, a token in the files) are ConfigError (exit 2):
+    retrying the push cannot fix them."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -64,18 +69,18 @@ def resolve_dirs(path: str | Path) -> tuple[Path, Path | None]:
         run_dir = path.parent if (path.parent / "summary.json").is_file() else None
         return path, run_dir
     if path.is_dir():
-        raise PushError(
+        raise ConfigError(
             f"{path}: neither a run directory with best/ nor an export (no config.json); "
             "pass a finished run's directory or its best/"
         )
-    raise PushError(f"{path}: no such directory")
+    raise ConfigError(f"{path}: no such directory")
 
 
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise PushError(f"{path}: cannot read ({exc})") from exc
+        raise ConfigError(f"{path}: cannot read ({exc})") from exc
 
 
 def export_files(model_dir: Path) -> list[Path]:
@@ -85,9 +90,9 @@ def export_files(model_dir: Path) -> list[Path]:
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         missing.append("tokenizer.json")
     if missing and meta.get("task", "classify") == "classify":
-        raise PushError(f"{model_dir}: incomplete export, missing {missing}; was the run finished?")
+        raise ConfigError(f"{model_dir}: incomplete export, missing {missing}; was the run finished?")
     if meta.get("task") != "classify":
-        raise PushError(
+        raise ConfigError(
             f"{model_dir}: radtrain.json says task {meta.get('task')!r}; publishing covers classifier "
             "exports (a classify run's best/)"
         )
@@ -100,13 +105,13 @@ def export_files(model_dir: Path) -> list[Path]:
         and p.name != README
     )
     if not any(p.suffix == ".safetensors" for p in files):
-        raise PushError(f"{model_dir}: no .safetensors weights; re-export with safe_serialization")
+        raise ConfigError(f"{model_dir}: no .safetensors weights; re-export with safe_serialization")
     config = _read_json(model_dir / "config.json")
     cuis = [row["cui"] for row in _read_json(model_dir / "labels.json").get("labels", [])]
     id2label = config.get("id2label") or {}
     ordered = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
     if config.get("problem_type") != "multi_label_classification" or ordered != cuis:
-        raise PushError(
+        raise ConfigError(
             f"{model_dir}: config.json does not match labels.json (problem_type "
             f"{config.get('problem_type')!r}, {len(ordered)} vs {len(cuis)} labels); not a radtrain export?"
         )
@@ -158,10 +163,10 @@ def _check_no_token(files: list[Path], texts: dict[str, str]) -> None:
         return
     for path in files:
         if path.suffix != ".safetensors" and any(t in path.read_bytes() for t in tokens):
-            raise PushError(f"{path} contains a Hugging Face token; refusing to publish it")
+            raise ConfigError(f"{path} contains a Hugging Face token; refusing to publish it")
     for name, text in texts.items():
         if any(t in text.encode() for t in tokens):
-            raise PushError(f"the {name} would contain a Hugging Face token; refusing to publish it")
+            raise ConfigError(f"the {name} would contain a Hugging Face token; refusing to publish it")
 
 
 # --------------------------------------------------------------------------- the Hub client
@@ -333,7 +338,7 @@ def prepare(
     from radtrain.model_card import build_card
 
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise PushError(f"repo id must look like 'org/name', got {repo_id!r}")
+        raise ConfigError(f"repo id must look like 'org/name', got {repo_id!r}")
     model_dir, run_dir = resolve_dirs(run_dir_or_model_dir)
     files = export_files(model_dir)
     meta = _read_json(model_dir / "radtrain.json")
@@ -341,17 +346,17 @@ def prepare(
         _read_json(run_dir / "summary.json") if run_dir and (run_dir / "summary.json").is_file() else None
     )
     if summary and summary.get("best_step") is not None and summary.get("best_step") != meta.get("step"):
-        raise PushError(
+        raise ConfigError(
             f"{run_dir}/summary.json describes step {summary.get('best_step')} but best/ is from step "
             f"{meta.get('step')}: the card's metrics would be wrong. Finish the run (or run "
             "`radtrain evaluate`) before publishing"
         )
     try:
         card = build_card(model_dir, run_dir, repo_id, revision)
-    except PushError:
+    except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken export should not crash with a traceback
-        raise PushError(f"cannot build the model card from {model_dir}: {_short(exc)}") from exc
+        raise ConfigError(f"cannot build the model card from {model_dir}: {_short(exc)}") from exc
     message = commit_message(summary, meta, commit_message_text)
     _check_no_token(files, {"model card": card, "commit message": message})
     return files, card, message, model_dir, run_dir
@@ -423,14 +428,19 @@ def preview(
 
 
 def publish_run(run_dir: str | Path, hub_cfg) -> str:
-    """The classifier phase's hook (main process, after summary.json): publish run_dir/best."""
-    url = publish(
-        Path(run_dir) / "best",
-        hub_cfg.repo_id,
-        private=hub_cfg.private,
-        revision=hub_cfg.revision,
-        commit_message=hub_cfg.commit_message,
-    )
+    """The classifier phase's hook (main process, after summary.json): publish run_dir/best.
+    Here training has succeeded, so any publishing failure, local checks included, is a PushError
+    (exit 3: results kept, push later with `radtrain push`)."""
+    try:
+        url = publish(
+            Path(run_dir) / "best",
+            hub_cfg.repo_id,
+            private=hub_cfg.private,
+            revision=hub_cfg.revision,
+            commit_message=hub_cfg.commit_message,
+        )
+    except ConfigError as exc:
+        raise PushError(f"publishing {run_dir}/best was refused: {exc}") from exc
     print(
         f"[radtrain] published best/ to {hub_cfg.repo_id}"
         f"{'@' + hub_cfg.revision if hub_cfg.revision else ''}: {url}",
@@ -536,8 +546,6 @@ def cmd_push(args: argparse.Namespace) -> int:
         saved = (yaml.safe_load(config_path.read_text()) or {}).get("hub") or {}
     repo_id = args.repo_id or saved.get("repo_id")
     if not repo_id:
-        from radtrain.config import ConfigError
-
         raise ConfigError(f"{args.run_dir}: no hub.repo_id in its config.yaml; give --repo-id org/name")
     revision = args.revision or saved.get("revision")
     message = args.message or saved.get("commit_message")

@@ -77,6 +77,10 @@ def per_label_f1(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 
 def is_better(metric: str, new: float, best: float | None) -> bool:
-    if best is None:
+    # A non-finite value (a diverged evaluation) is never better: as a first best it would stay
+    # best forever, since every comparison with NaN is false.
+    if new is None or not np.isfinite(new):
+        return False
+    if best is None or not np.isfinite(best):
         return True
     return new < best if metric in LOWER_IS_BETTER else new > best

@@ -139,7 +139,7 @@ def resolve_pos_weight(cfg: RunConfig, label_space: LabelSpace, n_train: int) ->
     return [round(float(w), 4) for w in ratio]
 
 
-def build_task(phase: str, cfg: RunConfig, tokenizer, model, label_space: LabelSpace | None, n_train: int = 0):
+def build_task(phase: str, cfg: RunConfig, tokenizer, label_space: LabelSpace | None, n_train: int = 0):
     if phase == "mlm":
         special = [i for i in tokenizer.all_special_ids if i is not None]
         return MLMTask(
@@ -159,6 +159,13 @@ def build_task(phase: str, cfg: RunConfig, tokenizer, model, label_space: LabelS
     )
 
 
+def _source_for_meta(source: str) -> str:
+    """data.source as recorded in best/radtrain.json: a local path made absolute, so `radtrain
+    evaluate` finds the data from any working directory (config.yaml keeps what the user wrote)."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def _metric_check(cfg: RunConfig, phase: str) -> None:
     from radtrain.metrics import METRIC_NAMES
 
@@ -169,11 +176,17 @@ def _metric_check(cfg: RunConfig, phase: str) -> None:
         )
 
 
-def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
-    """Train one phase in cfg.output_dir and return its summary (also written to summary.json)."""
+def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[str, Any]:
+    """Train one phase in cfg.output_dir and return its summary (also written to summary.json).
+
+    ``evaluate_test=False`` leaves the test split unread (summary["test"] stays None): a sweep
+    member, whose test figures are for the selection job alone to produce, once."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}")
     _metric_check(cfg, phase)
+    # Config checks before anything is written or downloaded (load_splits may fetch a Hub dataset).
+    check_init_from(cfg.model.init_from)
+    models.check_max_length(cfg.data.max_length, models.source_config(cfg.model))
     started = time.time()
     accelerator = make_accelerator(
         resolve_precision(cfg.train.precision), cfg.train.grad_accum,
@@ -196,8 +209,6 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
     label_space = None
     if phase == "classify":
         label_space = LabelSpace.fit(splits["train"].labels, cfg.data.min_label_count, label_names(cfg, splits))
-    check_init_from(cfg.model.init_from)
-    models.check_max_length(cfg.data.max_length, models.source_config(cfg.model))
     tokenizer = prepare_tokenizer(cfg, accelerator, run_dir, splits["train"].texts)
     if accelerator.is_main_process:
         _atomic_write(run_dir / "config.yaml", cfg.to_yaml())
@@ -211,7 +222,7 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
         model = models.build_mlm_model(cfg.model, tokenizer, cfg.train.seed)
     else:
         model = models.build_classifier(cfg.model, tokenizer, label_space.cuis, cfg.train.seed)
-    task = build_task(phase, cfg, tokenizer, model, label_space, n_train=len(splits["train"]))
+    task = build_task(phase, cfg, tokenizer, label_space, n_train=len(splits["train"]))
 
     from radtrain.tracking import make_tracker
 
@@ -221,7 +232,7 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
         "base_model": cfg.model.name,
         "init_from": cfg.model.init_from,
         "data": {
-            "source": cfg.data.source,
+            "source": _source_for_meta(cfg.data.source),
             "text_column": cfg.data.text_column,
             "label_column": cfg.data.label_column,
             "label_delimiter": cfg.data.label_delimiter,
@@ -231,6 +242,10 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
             "validation_fraction": cfg.data.validation_fraction,
             "test_fraction": cfg.data.test_fraction,
             "split_seed": cfg.data.split_seed,
+            # `radtrain evaluate` re-creates the splits from these: without the caps it would
+            # score a different (larger) test split than the run reported.
+            "max_train_samples": cfg.data.max_train_samples,
+            "max_eval_samples": cfg.data.max_eval_samples,
         },
         "eval_batch_size": cfg.train.eval_batch_size or cfg.train.batch_size,
         "threshold": cfg.train.threshold,
@@ -290,7 +305,7 @@ def run_phase(cfg: RunConfig, phase: str) -> dict[str, Any]:
     }
     # Free the training state before the test evaluation loads best/ fresh.
     del trainer
-    if phase == "classify" and "test" in splits:
+    if phase == "classify" and evaluate_test and "test" in splits:
         with accelerator.main_process_first():
             test = tokenize_split(tokenizer, splits["test"], cfg, label_space, "test")
         summary["test"] = evaluate_export(run_dir / "best", test, accelerator, cfg)

@@ -13,31 +13,51 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from radtrain.config import ConfigError
 from radtrain.data.labels import LabelSpace
+from radtrain.data.sources import DataError
 from radtrain.export import LABELS_FILE, read_meta, read_thresholds
+from radtrain.thresholds import apply_thresholds, threshold_vector
+
+
+def check_export(model_dir: Path) -> None:
+    """A classifier export (a classify run's best/), checked before anything is loaded."""
+    if not (model_dir / "config.json").is_file():
+        what = "no such directory" if not model_dir.exists() else "not a model directory (no config.json)"
+        raise ConfigError(f"--model {model_dir}: {what}; pass a classify run's best/ directory")
+    task = read_meta(model_dir).get("task")
+    if task is not None and task != "classify":
+        raise ConfigError(
+            f"--model {model_dir}: radtrain.json says task {task!r}; predictions need a classifier "
+            "export (a classify run's best/)"
+        )
 
 
 class Predictor:
     def __init__(self, model_dir: str | Path, device: str | None = None, threshold: float | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from radtrain.models import load_tokenizer
+        from radtrain.phase import load_export_classifier
 
         self.model_dir = Path(model_dir)
+        check_export(self.model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
+        self.tokenizer = load_tokenizer(str(self.model_dir))
+        # The same loader as the run's test evaluation: a whole plain model on every process, also
+        # inside a ZeRO-3 run (`radtrain demo` under accelerate launch), where a bare from_pretrained
+        # would be partitioned and the forward pass would wait on ranks that never call it.
+        self.model = load_export_classifier(self.model_dir).to(self.device).eval()
         config = self.model.config
         self.cuis = [config.id2label[i] for i in range(config.num_labels)]
         labels_path = self.model_dir / LABELS_FILE
         self.names = LabelSpace.load(labels_path).names if labels_path.is_file() else {}
-        thresholds = read_thresholds(model_dir)
-        base = threshold if threshold is not None else thresholds["global"]
-        per_label = thresholds.get("per_label") if threshold is None else None
-        self.thresholds = np.array(
-            [(per_label or {}).get(c, base) for c in self.cuis], dtype=np.float32
-        )
-        # 'Always emit the top label' is part of the export's tuned rule; --threshold replaces the rule.
-        self.top1 = bool(thresholds.get("top1")) and threshold is None
-        self.max_length = int(read_meta(model_dir).get("data", {}).get("max_length", 256))
+        thresholds = read_thresholds(self.model_dir)
+        if threshold is not None:
+            # --threshold replaces the whole tuned rule: one number for every label, no top1.
+            thresholds = {"global": threshold, "per_label": None, "top1": False}
+        self.thresholds = threshold_vector(thresholds, self.cuis)
+        # 'Always emit the top label' is part of the export's tuned rule.
+        self.top1 = bool(thresholds.get("top1"))
+        self.max_length = int(read_meta(self.model_dir).get("data", {}).get("max_length", 256))
 
     @torch.no_grad()
     def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -54,8 +74,6 @@ class Predictor:
     def predict(self, texts: list[str], batch_size: int = 32) -> list[dict]:
         probs = self.probabilities(texts, batch_size)
         results = []
-        from radtrain.thresholds import apply_thresholds
-
         decisions = apply_thresholds(probs, self.thresholds, self.top1)
         for row, decided in zip(probs, decisions, strict=True):
             chosen = np.flatnonzero(decided)
@@ -70,23 +88,32 @@ class Predictor:
 
 
 def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
-    """Texts from a .jsonl file (field ``text_column`` or ``text``) or a plain text file (one per line)."""
+    """Texts from a .jsonl file (field ``text_column`` or ``text``) or a plain text file (one per
+    line). Unreadable or malformed input raises DataError (exit 2) naming the file and line."""
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"--input {path}: cannot read ({exc.strerror or exc})") from exc
+    with handle:
+        number = 0
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                if path.suffix != ".jsonl":
+                    yield line.rstrip("\n")
+                    continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
+                    raise DataError(f"{path}:{number}: malformed JSON ({exc.msg}); one JSON object per line") from exc
                 text = row.get(text_column, row.get("text")) if isinstance(row, dict) else row
                 if not isinstance(text, str):
-                    raise ValueError(f"{path}:{number}: no string field {text_column!r} or 'text'")
+                    raise DataError(f"{path}:{number}: no string field {text_column!r} or 'text'")
                 yield text
-            else:
-                yield line.rstrip("\n")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: line {number + 1} is not UTF-8 text ({exc.reason})") from exc
 
 
 def predict_lines(model_dir: str | Path, texts: Iterable[str], threshold: float | None = None,

@@ -20,6 +20,11 @@ from radtrain.metrics import multilabel_metrics
 from radtrain.packing import model_inputs
 
 
+def _mix(base: int, caption: int) -> int:
+    """A 63-bit seed from (base, caption index); distinct captions get unrelated streams."""
+    return (base ^ ((caption + 1) * 0x9E3779B97F4A7C15)) & (2**63 - 1)
+
+
 @dataclass
 class MLMTask:
     """Masked-language modelling (phase 1): ModernBERT's 30% masking, 80/10/10 replacement."""
@@ -32,19 +37,29 @@ class MLMTask:
     default_metric: str = "loss"
 
     def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        # Masks are drawn on the CPU from a generator seeded per micro-batch, so they do not depend
-        # on the device, the number of ranks or on where a resumed run picked up.
+        # Masks are drawn on the CPU, per caption: `generator` (seeded per micro global batch, the
+        # same on every rank) gives one base seed, and each caption draws from its own generator
+        # keyed by (base, caption index), over its real tokens only. So a caption's masks do not
+        # depend on the device, the number of ranks, which rank holds it, its neighbours, the
+        # padding width, or on where a resumed run picked up. Collated batches are right-padded.
+        # Cost: one small generator per caption (~tens of microseconds), next to a forward pass.
         input_ids = batch["input_ids"].clone()
-        attention = batch["attention_mask"]
-        probability = torch.full(input_ids.shape, self.mlm_probability)
-        special = torch.isin(input_ids, torch.tensor(self.special_ids)) | (attention == 0)
-        probability.masked_fill_(special, 0.0)
-        masked = torch.bernoulli(probability, generator=generator).bool()
-        labels = torch.where(masked, input_ids, torch.full_like(input_ids, -100))
-        replace = torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=generator).bool() & masked
-        input_ids[replace] = self.mask_token_id
-        randomize = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool() & masked & ~replace
-        input_ids[randomize] = torch.randint(self.vocab_size, input_ids.shape, generator=generator)[randomize]
+        labels = torch.full_like(input_ids, -100)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        captions = batch["index"].tolist() if "index" in batch else list(range(len(lengths)))
+        base = int(torch.randint(2**62, (1,), generator=generator))
+        special = torch.tensor(self.special_ids)
+        for row, (caption, n) in enumerate(zip(captions, lengths, strict=True)):
+            own = torch.Generator().manual_seed(_mix(base, caption))
+            draws = torch.rand((3, n), generator=own)
+            random_ids = torch.randint(self.vocab_size, (n,), generator=own)
+            ids = input_ids[row, :n]  # a view: edited in place
+            masked = (draws[0] < self.mlm_probability) & ~torch.isin(ids, special)
+            labels[row, :n] = torch.where(masked, ids, torch.full_like(ids, -100))
+            replace = masked & (draws[1] < 0.8)  # 80% [MASK]
+            randomize = masked & ~replace & (draws[2] < 0.5)  # 10% a random token, 10% unchanged
+            ids[replace] = self.mask_token_id
+            ids[randomize] = random_ids[randomize]
         return {**batch, "input_ids": input_ids, "labels": labels}
 
     def num_items(self, batch: dict[str, torch.Tensor]) -> int:

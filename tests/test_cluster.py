@@ -254,3 +254,124 @@ def test_plain_sbatch_scripts_share_one_launch_block():
             ["bash", "-n", str(REPO / "slurm" / script)], capture_output=True, text=True, timeout=30
         )
         assert res.returncode == 0, res.stderr
+
+
+def test_select_metric_is_checked_at_submit_time(capsys):
+    """A typo in select.metric fails on the login node, naming the valid metrics, not in the
+    selection job after every member has trained."""
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", "select.metric=f1_micro")
+    assert rc == 2 and "select.metric='f1_micro'" in err and "f1_macro" in err and "loss" in err
+    rc, out, _ = _submit(capsys, "jobs/demo.yaml", "--dry-run", "select.metric=hamming_loss")
+    assert rc == 0, out
+
+
+def test_submitit_ranks_follow_the_one_slurm_rule(monkeypatch):
+    """A submitit member's ranks come from radtrain.distributed (the srun path's rules): SLURM's
+    task variables win over inherited ranks, and MASTER_PORT is slurm_master_port()."""
+    from radtrain.cluster.jobs import _prepare_process
+    from radtrain.distributed import slurm_master_port
+
+    # setenv then delenv: monkeypatch then restores every variable _prepare_process writes (a stray
+    # LOCAL_RANK would make later tests and their subprocesses try to start torch.distributed).
+    for key in (
+        "MASTER_PORT",
+        "MASTER_ADDR",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "SLURM_ARRAY_JOB_ID",
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_CPUS_PER_TASK",
+    ):
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOBID": "4242",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_NPROCS": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_STEP_NODELIST": "localhost",
+        "RANK": "7",  # inherited from a parent job: must be replaced
+        "WORLD_SIZE": "9",
+    }
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    _prepare_process({})
+    assert os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2" and os.environ["LOCAL_RANK"] == "1"
+    assert os.environ["LOCAL_WORLD_SIZE"] == "2" and os.environ["MASTER_ADDR"] == "localhost"
+    assert os.environ["MASTER_PORT"] == str(slurm_master_port()) == str(20000 + 4242 * 7 % 20000)
+
+
+def test_slurm_tests_fail_instead_of_skipping_when_slurm_is_required(tmp_path):
+    """tests/run.sh sets RADTRAIN_REQUIRE_SLURM=1: a SLURM that does not answer must fail the slurm
+    tests (a green CI run with no SLURM coverage otherwise); without it they skip."""
+    assert (
+        "export RADTRAIN_REQUIRE_SLURM=${RADTRAIN_REQUIRE_SLURM:-1}"
+        in (REPO / "tests" / "run.sh").read_text()
+    )
+    test = "tests/test_local_slurm.py::test_scontrol_requeue_reruns_job_with_same_id"
+    results = {}
+    for required in ("1", "0"):
+        # No SLURM client on PATH (the interpreter is called by its full path).
+        env = subprocess_env(PATH=str(tmp_path), RADTRAIN_REQUIRE_SLURM=required)
+        res = subprocess.run(
+            [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        results[required] = res
+    assert results["1"].returncode != 0 and "sinfo not found" in results["1"].stdout, results["1"].stdout
+    assert "1 error" in results["1"].stdout, results["1"].stdout
+    assert results["0"].returncode == 0 and "1 skipped" in results["0"].stdout, results["0"].stdout
+
+
+def test_members_leave_the_test_split_to_the_selection(tmp_path, roco_path, monkeypatch):
+    """With a selection step the members skip the test split (run_phase(evaluate_test=False)); the
+    selection job evaluates the chosen member once and writes those metrics into its summary.json,
+    which the published model card and commit message read."""
+    from conftest import TINY, write_roco_slice
+
+    from radtrain.cluster import SelectJob, load_job
+    from radtrain.cluster.submit import _callables
+    from radtrain.config import load_config
+    from radtrain.phase import run_phase
+
+    pipeline = load_job(REPO / "jobs" / "demo.yaml", [f"output_dir={tmp_path / 'p'}"])
+    members = [c for step in pipeline.steps if step.name != "select" for c in _callables(pipeline, step)]
+    assert members and not any(m.evaluate_test for m in members)
+    pipeline = load_job(REPO / "jobs" / "demo.yaml", [f"output_dir={tmp_path / 'q'}", "select=null"])
+    assert all(m.evaluate_test for step in pipeline.steps for m in _callables(pipeline, step))
+
+    data = write_roco_slice(tmp_path / "roco.jsonl", 300)
+    monkeypatch.setenv("RADTRAIN_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "root" / "classify" / "m0"
+    cfg = load_config(
+        None,
+        [*TINY, f"data.source={data}", "train.epochs=1", "data.max_length=64", "data.min_label_count=3"],
+    )
+    cfg.output_dir = str(run_dir)
+    summary = run_phase(cfg, "classify", evaluate_test=False)
+    assert summary["test"] is None
+    assert json.loads((run_dir / "summary.json").read_text())["test"] is None
+
+    recorder = tmp_path / "hub" / "calls.jsonl"
+    monkeypatch.setenv("RADTRAIN_HUB_RECORDER", str(recorder))
+    result = SelectJob(str(tmp_path / "root"), [str(run_dir)], "f1", {"repo_id": "org/sel"}, {}, 0)()
+    test = result["test"]
+    assert test and set(test) >= {"f1", "f1_macro"}
+    assert json.loads((run_dir / "summary.json").read_text())["test"] == test
+    commit = [json.loads(x) for x in recorder.read_text().splitlines() if '"create_commit"' in x]
+    assert len(commit) == 1 and f"test f1={test['f1']:.4f}" in commit[0]["commit_message"], commit
+    cards = list(Path(f"{recorder}.files").glob("*/README.md"))
+    assert len(cards) == 1, cards
+    card = cards[0].read_text()
+    assert f"{test['f1']:.4f}" in card

@@ -2,7 +2,7 @@
 
 CI runs ``slurm/local/start.sh`` before pytest; these tests never start or reconfigure the
 cluster themselves. They are skipped only when there is no SLURM to talk to (``sinfo`` missing
-or not answering). A cluster that answers but cannot run jobs makes them fail, within the
+or not answering), and fail instead under RADTRAIN_REQUIRE_SLURM=1 (tests/run.sh, CI). A cluster that answers but cannot run jobs makes them fail, within the
 per-test time bounds below, instead of hanging.
 
 Jobs run on this same machine, so the batch scripts write straight into ``tmp_path``.
@@ -11,7 +11,6 @@ Jobs run on this same machine, so the batch scripts write straight into ``tmp_pa
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 # Bound for a single client command (sbatch without --wait, scontrol, squeue, scancel).
 CMD_TIMEOUT_S = 30
@@ -46,21 +45,6 @@ def _run(
     args: list[str], timeout: float = CMD_TIMEOUT_S, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster() -> None:
-    if shutil.which("sinfo") is None:
-        pytest.skip("sinfo not found: no SLURM client here (CI starts one with slurm/local/start.sh)")
-    try:
-        res = _run(["sinfo", "-h", "-o", "%P %T"], timeout=15, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.skip("sinfo did not answer within 15 s: slurmctld not running (run slurm/local/start.sh)")
-    if res.returncode != 0 or not res.stdout.strip():
-        pytest.skip(
-            f"sinfo does not respond (rc={res.returncode}): {res.stderr.strip() or 'no partitions'}"
-            " -- run slurm/local/start.sh"
-        )
 
 
 def _job_name() -> str:
@@ -220,3 +204,40 @@ fi
     assert runs.read_text().splitlines() == [f"0 {job_id}", f"1 {job_id}"]
     assert fields["JobState"] == "COMPLETED", fields
     assert fields.get("Restarts") == "1", fields
+
+
+def test_submit_failing_partway_cancels_and_records_what_was_queued(tmp_path: Path) -> None:
+    """`radtrain submit` whose second step sbatch refuses (unknown partition): the MLM array already
+    queued is cancelled and <root>/pipeline.json records its id, the failed step and the cancel."""
+    import json
+    import sys
+
+    root = tmp_path / "pipe"
+    res = _run(
+        [
+            sys.executable,
+            "-m",
+            "radtrain",
+            "submit",
+            str(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"),
+            f"output_dir={root}",
+            "classify.resources.partition=no-such-partition",
+        ],
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "submitting step 'classify' failed" in res.stderr and "cancelled them" in res.stderr, res.stderr
+    record = json.loads((root / "pipeline.json").read_text())
+    assert list(record["steps"]) == ["mlm"] and record["complete"] is False
+    mlm = record["steps"]["mlm"]["job_id"]
+    assert record["failed"]["step"] == "classify" and record["failed"]["cancelled"] == [mlm]
+    deadline = time.monotonic() + 30
+    states: set[str] = set()
+    while time.monotonic() < deadline:
+        out = _run(["scontrol", "show", "job", "-o", mlm], check=False).stdout
+        states = set(re.findall(r"JobState=(\S+)", out))
+        if states and states <= {"CANCELLED"}:
+            break
+        time.sleep(0.5)
+    assert states == {"CANCELLED"}, out

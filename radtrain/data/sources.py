@@ -296,11 +296,17 @@ def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
 
     columns = [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
     try:
-        # Parquet-backed Hub datasets (ROCOv2, Radiology_mini) accept `columns`: the image column
-        # is then never downloaded into the Arrow cache, let alone decoded.
-        dataset_dict = datasets.load_dataset(cfg.source, columns=columns)
-    except (TypeError, ValueError):
-        dataset_dict = datasets.load_dataset(cfg.source)
+        try:
+            # Parquet-backed Hub datasets (ROCOv2, Radiology_mini) accept `columns`: the image column
+            # is then never downloaded into the Arrow cache, let alone decoded.
+            dataset_dict = datasets.load_dataset(cfg.source, columns=columns)
+        except (TypeError, ValueError) as exc:
+            log.warning(
+                "data.source=%r does not accept a column selection (%s): loading EVERY column, images "
+                "included; the first load can download and cache many GB more than the %s used here",
+                cfg.source, exc, columns,
+            )
+            dataset_dict = datasets.load_dataset(cfg.source)
     except ConnectionError as exc:  # HF_HUB_OFFLINE=1 and not cached (or no network): say what to fetch
         raise DataError(
             f"data.source={cfg.source!r}: {exc}. Offline? Run `radtrain prefetch --data {cfg.source}` (same data.* "

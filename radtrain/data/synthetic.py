@@ -767,10 +767,30 @@ def generate_captions(n: int, seed: int = 0) -> list[dict]:
     return records
 
 
+# In write order: cui_names.json is written last, so its presence marks a finished write (every
+# file is swapped in whole, and versions before the atomic writes also wrote it last).
+DATASET_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "cui_names.json")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    # A per-process temporary name: several ranks (accelerate launch) may write the same,
+    # byte-identical dataset at once; each os.replace swaps in a whole file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    _atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+
+
+def dataset_complete(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a dataset :func:`write_dataset` finished writing. A directory
+    from a write that was interrupted is not complete: write it again (the output is
+    deterministic, so nothing is lost). Use this, not 'train.jsonl exists', before reusing one."""
+    out = Path(out_dir)
+    return all((out / name).is_file() for name in DATASET_FILES)
 
 
 def write_dataset(
@@ -785,6 +805,9 @@ def write_dataset(
     The three splits are consecutive slices of one :func:`generate_captions` run, so their image
     ids are disjoint and no caption appears in two splits. ``cui_names.json`` maps every CUI used
     in the splits to its name. The files are byte-identical for the same arguments.
+
+    Each file is replaced whole (temporary file + os.replace) and ``cui_names.json`` is written
+    last, so :func:`dataset_complete` never mistakes a cut-short write for a finished one.
     """
     for name, value in (("n_train", n_train), ("n_validation", n_validation), ("n_test", n_test)):
         if value < 0:
@@ -801,5 +824,5 @@ def write_dataset(
         _write_jsonl(out / f"{split}.jsonl", recs)
     used = sorted({cui for rec in records for cui in rec["cui"]})
     names = {cui: CUI_NAMES[cui] for cui in used}
-    (out / "cui_names.json").write_text(json.dumps(names, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _atomic_write_text(out / "cui_names.json", json.dumps(names, indent=2, ensure_ascii=False) + "\n")
     return out

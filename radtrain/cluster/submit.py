@@ -1,0 +1,299 @@
+"""Submission: sbatch rendering, the dependency graph for people, and `radtrain submit`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from radtrain.cluster.jobfile import PIPELINE_FILE, SELECTION_FILE, Pipeline, Step, load_job
+from radtrain.cluster.jobs import MemberJob, SelectJob
+from radtrain.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- submission
+
+
+def log_folder(root: Path) -> Path:
+    """submitit's folder: one per job (%j), so array members and ranks never share a log file:
+    <root>/logs/<array>_<member>/<array>_<member>_<rank>_log.{out,err}."""
+    return root / "logs" / "%j"
+
+
+def submitit_command(root: Path) -> str:
+    return " ".join(
+        [shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(log_folder(root)))]
+    )
+
+
+def sbatch_script(pipeline: Pipeline, step: Step, dependency: str | None) -> str:
+    """The sbatch file submitit writes for this step, rendered by submitit's own function (it needs
+    no SLURM, so --dry-run works anywhere)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = step.resources.sbatch_parameters(step.job_name, dependency)
+    count = len(step.members) if step.is_array else None
+    return _make_sbatch_string(
+        command=submitit_command(pipeline.root), folder=log_folder(pipeline.root), map_count=count, **params
+    )
+
+
+def _callables(pipeline: Pipeline, step: Step) -> list[Any]:
+    # With a selection step only the selection job reads the test split (once, the chosen member).
+    selecting = any(s.name == "select" for s in pipeline.steps)
+    if step.name == "select":
+        return [
+            SelectJob(
+                str(pipeline.root),
+                [str(m.run_dir) for m in pipeline.selection_candidates],
+                pipeline.select_metric or "f1",
+                pipeline.hub,
+                step.env,
+                pipeline.max_requeues,
+            )
+        ]
+    return [
+        MemberJob(
+            step.name,
+            m.name,
+            m.config.to_dict(),
+            step.env,
+            pipeline.max_requeues,
+            [str(p) for p in m.init_from_best] if m.init_from_best else None,
+            evaluate_test=not selecting,
+        )
+        for m in step.members
+    ]
+
+
+def _member_lines(pipeline: Pipeline, step: Step, job_id: str) -> list[str]:
+    lines = []
+    if step.name == "select":
+        lines.append(
+            f"    -> {pipeline.root / SELECTION_FILE}, model in {pipeline.root / 'selected'}"
+            f"{', published to ' + pipeline.hub['repo_id'] if pipeline.hub.get('repo_id') else ''}"
+        )
+        lines.append(f"       log {pipeline.root / 'logs' / job_id}/")
+        return lines
+    for m in step.members:
+        jid = f"{job_id}_{m.index}" if step.is_array else job_id
+        init = ""
+        if step.name == "classify":
+            init = (
+                " init_from=best MLM member by validation loss"
+                if m.init_from_best
+                else f" init_from={m.config.model.init_from}"
+            )
+        point = " ".join(f"{k}={v}" for k, v in m.point.items())
+        lines.append(f"    [{m.index}] {m.name}: {point or '(no sweep)'}{init}")
+        lines.append(f"        run dir {m.run_dir}  log {pipeline.root / 'logs' / jid}/")
+    return lines
+
+
+def describe(pipeline: Pipeline, ids: dict[str, str]) -> str:
+    """The dependency graph, members, run directories and log folders, for people."""
+    out = [f"[radtrain submit] {pipeline.name}: root {pipeline.root} (max_requeues={pipeline.max_requeues})"]
+    for step in pipeline.steps:
+        res = step.resources
+        shape = f"array 0-{len(step.members) - 1}" if step.is_array else "single job"
+        dep = f", afterok:{ids[step.depends_on]}" if step.depends_on else ""
+        out.append(
+            f"  {step.name:<8} job {ids[step.name]} ({shape}{dep}): "
+            f"{res.nodes} node(s) x {res.tasks_per_node} "
+            f"task(s){f' x {res.gpus_per_node} GPU(s)' if res.gpus_per_node else ''}, {res.time_min} min"
+        )
+        out += _member_lines(pipeline, step, ids[step.name])
+        shown = {k: v for k, v in step.env.items() if "TOKEN" not in k.upper()}
+        if shown:
+            out.append("    env " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    return "\n".join(out)
+
+
+def dry_run(pipeline: Pipeline) -> str:
+    ids = {s.name: f"<{s.name} job id>" for s in pipeline.steps}
+    parts = [describe(pipeline, ids)]
+    if pipeline.synthetic_data and not _has_data(pipeline):
+        parts.append(
+            f"(submit would first write synthetic data to {_data_dir(pipeline)}: {pipeline.synthetic_data})"
+        )
+    for step in pipeline.steps:
+        dependency = f"afterok:{ids[step.depends_on]}" if step.depends_on else None
+        parts.append(f"----- sbatch script: {step.name} -----\n{sbatch_script(pipeline, step, dependency)}")
+    parts.append("(dry run: nothing submitted)")
+    return "\n".join(parts)
+
+
+def _data_dir(pipeline: Pipeline) -> Path:
+    first = pipeline.steps[0].members[0] if pipeline.steps[0].members else pipeline.selection_candidates[0]
+    return Path(first.config.data.source)
+
+
+def _has_data(pipeline: Pipeline) -> bool:
+    # All four files, not just train.jsonl: a generation killed half-way is written again.
+    from radtrain.data.synthetic import dataset_complete
+
+    return dataset_complete(_data_dir(pipeline))
+
+
+def _check_existing_runs(pipeline: Pipeline) -> None:
+    """A resubmission continues members from their checkpoints; one whose settings changed would
+    only fail on the compute node (fingerprint check): refuse it here."""
+    from radtrain.phase import check_run_dir
+
+    for step in pipeline.steps:
+        for m in step.members:
+            if (m.run_dir / "checkpoints").is_dir():
+                check_run_dir(m.config, m.phase, step.resources.world_size)
+
+
+def submit(pipeline: Pipeline) -> dict[str, str]:
+    """Queue every step; returns {step: job id} (an array's id for arrays)."""
+    import submitit
+    from submitit.helpers import clean_env
+
+    if pipeline.synthetic_data and not _has_data(pipeline):
+        from radtrain.data.synthetic import write_dataset
+
+        write_dataset(_data_dir(pipeline), **pipeline.synthetic_data)
+    _check_existing_runs(pipeline)
+    pipeline.root.mkdir(parents=True, exist_ok=True)
+    ids: dict[str, str] = {}
+    submitted_at = time.time()
+    # Submitting from inside a SLURM job would hand the children our SLURM_*/RANK variables.
+    with clean_env():
+        for step in pipeline.steps:
+            try:
+                executor = submitit.SlurmExecutor(
+                    folder=log_folder(pipeline.root), max_num_timeout=pipeline.max_requeues
+                )
+                dependency = f"afterok:{ids[step.depends_on]}" if step.depends_on else None
+                executor.update_parameters(**step.resources.sbatch_parameters(step.job_name, dependency))
+                with executor.batch():
+                    submitted = [executor.submit(fn) for fn in _callables(pipeline, step)]
+            except Exception as exc:
+                # The steps queued so far would run (or wait forever on a dependency) with nobody
+                # knowing their ids: cancel them and say so, in the record too.
+                cancelled = _cancel(list(ids.values()))
+                _write_record(
+                    pipeline,
+                    ids,
+                    submitted_at,
+                    failed={"step": step.name, "error": repr(exc)[:1000], "cancelled": cancelled},
+                )
+                queued = ", ".join(f"{k} {v}" for k, v in ids.items()) or "none"
+                raise SubmitError(
+                    f"submitting step {step.name!r} failed: {exc}. Already queued: {queued}; "
+                    f"{'cancelled them (scancel)' if cancelled == list(ids.values()) else 'cancel them by hand'}"
+                    f"; record in {pipeline.root / PIPELINE_FILE}"
+                ) from exc
+            ids[step.name] = submitted[0].job_id.split("_")[0]
+            # After every step, so a failure later (or a crash of this process) loses no job id.
+            _write_record(pipeline, ids, submitted_at)
+    return ids
+
+
+class SubmitError(ConfigError):
+    """sbatch refused a step (unknown partition, account, limits...); the steps queued before it
+    were cancelled. A ConfigError, so the CLI prints the message and exits 2."""
+
+
+def _cancel(job_ids: list[str]) -> list[str]:
+    """scancel each id; returns those cancelled (scancel answered 0)."""
+    done = []
+    for job_id in job_ids:
+        try:
+            res = subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("scancel %s: %s", job_id, exc)
+            continue
+        if res.returncode == 0:
+            done.append(job_id)
+        else:
+            log.warning("scancel %s: rc=%d %s", job_id, res.returncode, res.stderr.strip())
+    return done
+
+
+def _write_record(
+    pipeline: Pipeline, ids: dict[str, str], submitted_at: float, failed: dict[str, Any] | None = None
+) -> None:
+    """<root>/pipeline.json, atomically: the steps queued so far (all of them once complete)."""
+    record: dict[str, Any] = {
+        "name": pipeline.name,
+        "root": str(pipeline.root),
+        "job_file": str(pipeline.job_file),
+        "submitted_at": submitted_at,
+        "complete": failed is None and len(ids) == len(pipeline.steps),
+        "steps": {
+            s.name: {
+                "job_id": ids[s.name],
+                "depends_on": ids.get(s.depends_on) if s.depends_on else None,
+                "members": [
+                    {
+                        "name": m.name,
+                        "run_dir": str(m.run_dir),
+                        "job_id": f"{ids[s.name]}_{m.index}" if s.is_array else ids[s.name],
+                    }
+                    for m in s.members
+                ],
+                "logs": str(pipeline.root / "logs"),
+            }
+            for s in pipeline.steps
+            if s.name in ids
+        },
+    }
+    if failed is not None:
+        record["failed"] = failed
+    tmp = pipeline.root / (PIPELINE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, pipeline.root / PIPELINE_FILE)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    # argparse cannot take options between two positional lists; overrides come as a remainder.
+    dry = args.dry_run or "--dry-run" in args.overrides
+    overrides = [a for a in args.overrides if a != "--dry-run"]
+    flags = [a for a in overrides if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"submit: unknown option(s) {flags}; options: --dry-run")
+    pipeline = load_job(args.job, overrides)
+    if dry:
+        print(dry_run(pipeline))
+        return 0
+    if shutil.which("sbatch") is None:
+        raise ConfigError("sbatch not found: run `radtrain submit` on a SLURM login node (or use --dry-run)")
+    ids = submit(pipeline)
+    print(describe(pipeline, ids))
+    print(f"pipeline record: {pipeline.root / PIPELINE_FILE}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "submit",
+        help="submit a job file to SLURM: MLM array -> classifier array (afterok) -> selection",
+        description="Submit jobs/<experiment>.yaml with submitit. Overrides edit the job file: train.lr=1e-4 "
+        "(both phases), mlm.train.epochs=1, mlm.sweep.train.seed=[1,2], classify.resources.time_min=30, "
+        "output_dir=runs/x (the pipeline root), select=null (no selection step).",
+    )
+    p.add_argument("job", help="the job file, e.g. jobs/demo.yaml")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch scripts and the dependency graph only"
+    )
+    p.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="dotted job-file overrides, e.g. mlm.train.lr=1e-4 output_dir=runs/x",
+    )
+    p.set_defaults(func=cmd_submit)

@@ -1,0 +1,141 @@
+"""Exit statuses, evaluate reproducing a run's test figures, predict's input checks, the
+synthetic dataset's completeness check and config-key hygiene: in-process through radtrain.cli.main."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from conftest import TINY, write_roco_slice
+
+from radtrain.cli import main
+from radtrain.config import ConfigError, config_from_dict, load_config
+from radtrain.data.sources import DataError, load_splits
+from radtrain.data.synthetic import dataset_complete, write_dataset
+
+
+def test_push_local_problems_exit_2_not_3(tmp_path, capsys):
+    """Exit 3 means 'training succeeded, the Hub push did not'; a missing directory or a bad repo
+    id is bad input (2): retrying the push cannot fix it."""
+    assert main(["push", str(tmp_path / "nonexistent"), "--repo-id", "a/b"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["push", str(tmp_path / "empty"), "--repo-id", "a/b"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["push", str(tmp_path / "empty"), "--repo-id", "no-slash"]) == 2
+    assert "org/name" in capsys.readouterr().err
+
+
+def test_predict_bad_model_or_input_exit_2(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path / "nonexistent"), "a caption"]) == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and "best/" in err
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"caption": "fine"}\n{not json\n', encoding="utf-8")
+    assert main(["predict", "--model", str(tmp_path), "--input", str(bad)]) == 2
+    assert f"{bad}:2: malformed JSON" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path), "--input", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_init_from_checked_before_the_data_is_loaded(tmp_path, capsys):
+    """A wrong model.init_from fails at start, before load_splits (which may download a dataset):
+    here the data source is missing too, and the init_from error must be the one reported."""
+    code = main([
+        "classify", "--output-dir", str(tmp_path / "run"), "data.source=./no-such-data.jsonl",
+        "model.name=scratch:tiny", f"model.init_from={tmp_path / 'no-such-run' / 'best'}",
+    ])
+    assert code == 2
+    assert "model.init_from" in capsys.readouterr().err
+
+
+def test_num_workers_is_gone_but_old_saved_configs_load():
+    with pytest.raises(ConfigError, match="unknown config key 'train.num_workers'"):
+        load_config(None, ["train.num_workers=2"])
+    saved = load_config(None, []).to_dict()
+    saved["train"]["num_workers"] = 0  # what older versions wrote into config.yaml
+    assert config_from_dict(saved).to_dict() == load_config(None, []).to_dict()
+
+
+def test_synthetic_dataset_complete_only_after_a_finished_write(tmp_path):
+    out = tmp_path / "synth"
+    assert not dataset_complete(out)
+    write_dataset(out, n_train=40, n_validation=10, n_test=10, seed=3)
+    assert dataset_complete(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # A write killed midway: the names file (written last) is missing.
+    (out / "cui_names.json").unlink()
+    (out / "train.jsonl").write_text((out / "train.jsonl").read_text()[:100])
+    assert not dataset_complete(out)
+    write_dataset(out, n_train=40, n_validation=10, n_test=10, seed=3)
+    assert dataset_complete(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary files left
+
+
+def test_hub_fallback_warns_and_offline_fallback_is_a_data_error(monkeypatch, caplog):
+    """The Hub is not reachable here, so datasets.load_dataset stands in: a dataset that refuses
+    `columns=` makes the fallback load every column (warned, naming the cost), and that fallback
+    failing offline gets the same clear DataError as the first call."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(source, **kwargs):
+        calls.append(kwargs)
+        if "columns" in kwargs:
+            raise TypeError("unexpected keyword argument 'columns'")
+        raise ConnectionError("offline and not cached")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = load_config(None, ["data.source=some-org/some-captions"]).data
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match="radtrain prefetch --data"):
+        load_splits(cfg)
+    assert len(calls) == 2
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "some-org/some-captions" in warned and "EVERY column" in warned
+
+
+@pytest.fixture(scope="module")
+def capped_run(tmp_path_factory):
+    """A tiny classify run with a RELATIVE data.source and data.max_eval_samples."""
+    root = tmp_path_factory.mktemp("capped")
+    write_roco_slice(root / "roco.jsonl", 400)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("RADTRAIN_CACHE", str(root / "cache"))
+    try:
+        code = main([
+            "classify", "--output-dir", str(root / "run"), "data.source=roco.jsonl", *TINY,
+            "train.epochs=1", "data.max_eval_samples=17",
+        ])
+    finally:
+        mp.undo()
+    assert code == 0
+    return root
+
+
+def test_evaluate_reproduces_the_runs_test_figures(capped_run, tmp_path, monkeypatch):
+    best = capped_run / "run" / "best"
+    meta = json.loads((best / "radtrain.json").read_text())
+    assert meta["data"]["max_eval_samples"] == 17
+    assert meta["data"]["source"] == str((capped_run / "roco.jsonl").resolve())
+    assert "source: roco.jsonl" in (capped_run / "run" / "config.yaml").read_text()  # as the user wrote it
+    summary = json.loads((capped_run / "run" / "summary.json").read_text())
+    assert summary["split_sizes"]["test"] == 17
+    monkeypatch.chdir(tmp_path)  # another working directory: the relative source must not matter
+    monkeypatch.setenv("RADTRAIN_CACHE", str(capped_run / "cache"))
+    assert main(["evaluate", "--model", str(best), "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for key, value in summary["test"].items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_predict_threshold_override_replaces_the_rule(capped_run, capsys):
+    best = str(capped_run / "run" / "best")
+    assert main(["predict", "--model", best, "--threshold", "0.0", "CT of the chest"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    labels = json.loads((capped_run / "run" / "best" / "config.json").read_text())["id2label"]
+    assert len(row["cuis"]) == len(labels)  # every label clears 0.0
+    assert main(["predict", "--model", best, "--threshold", "1.01", "CT of the chest"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["cuis"] == []  # and no top1 forced in

@@ -370,6 +370,20 @@ def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:
     return flat
 
 
+def read_yaml_mapping(path: str | Path, what: str, shape: str, missing_hint: str = "") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every failure is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist{missing_hint}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of {shape}")
+    return loaded
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -380,15 +394,7 @@ def load_config(
     if base:
         values.update(_flatten(base, "defaults"))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (data:, train:, ...)")
+        loaded = read_yaml_mapping(path, "config file", "sections (data:, train:, ...)")
         values.update(_flatten(loaded, str(path)))
     for text in overrides or []:
         key, value = parse_override(text)

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from radtrain.cluster.launch_env import accelerate_env
-from radtrain.config import SECTIONS, ConfigError, RunConfig, build_config, parse_override
+from radtrain.config import SECTIONS, ConfigError, RunConfig, build_config, parse_override, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +300,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     """Read a job file, apply dotted overrides, and plan every member (configs are validated here,
     on the login node, so a typo fails before anything is queued)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"job file {path} does not exist (see jobs/demo.yaml for the format)")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"job file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise ConfigError(f"job file {path} must be a mapping (output_dir:, data:, mlm:, classify:, select:)")
+    tree = read_yaml_mapping(
+        path, "job file", "sections (output_dir:, data:, mlm:, classify:, select:)",
+        missing_hint=" (see jobs/demo.yaml for the format)",
+    )
     for text in overrides or []:
         key, value = parse_override(text)
         _set_path(tree, key, value)

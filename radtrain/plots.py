@@ -19,11 +19,14 @@ PLOTS_DIR = "plots"
 PER_LABEL_FILE = "per_label_validation.json"
 
 # (column title, key in the row, format). Missing keys print as "-": an MLM run has no F1.
-CLASSIFY_COLUMNS = (
+_LOSS_COLUMNS = (
     ("epoch", "epoch", "{:.2f}"),
     ("step", "step", "{:d}"),
     ("train loss", "train_loss", "{:.4f}"),
     ("val loss", "loss", "{:.4f}"),
+)
+CLASSIFY_COLUMNS = (
+    *_LOSS_COLUMNS,
     ("P micro", "precision_micro", "{:.4f}"),
     ("R micro", "recall_micro", "{:.4f}"),
     ("F1 micro", "f1", "{:.4f}"),
@@ -35,10 +38,7 @@ CLASSIFY_COLUMNS = (
     ("label acc", "label_accuracy", "{:.5f}"),
 )
 MLM_COLUMNS = (
-    ("epoch", "epoch", "{:.2f}"),
-    ("step", "step", "{:d}"),
-    ("train loss", "train_loss", "{:.4f}"),
-    ("val loss", "loss", "{:.4f}"),
+    *_LOSS_COLUMNS,
     ("perplexity", "perplexity", "{:.2f}"),
     ("accuracy", "accuracy", "{:.4f}"),
 )

@@ -324,39 +324,33 @@ def test_plain_sbatch_pipeline_script(tmp_path):
     assert "classify on 1 node(s) x 2 process(es)" in log
 
 
-def test_plain_sbatch_requeues_only_after_exit_75(tmp_path):
-    """slurm/mlm.sbatch gets USR2 before the training loop has its handler (the processes ignore it
-    then): training runs to the end and exits 0, so the script must NOT requeue the job (it used to
-    requeue whenever a stop had been requested, whatever the exit code)."""
+def _submit_plain_mlm(tmp_path, n_train: int, epochs: int, batch_size: int, extra: list[str] = ()):
+    """sbatch slurm/mlm.sbatch on synthetic captions (1 CPU rank); returns (run dir, log, job id)."""
     from radtrain.data.synthetic import write_dataset
 
-    data = write_dataset(tmp_path / "data", 200, 40, 40, seed=1)
+    data = write_dataset(tmp_path / "data", n_train, 40, 40, seed=1)
     out_dir = tmp_path / "mlm"
     log = tmp_path / "mlm.out"
     env = subprocess_env(PROCS_PER_NODE="1", RADTRAIN_CACHE=str(tmp_path / "cache"))
     res = _run(
         [
-            "sbatch",
-            "--parsable",
-            "--partition=debug",
-            "--gpus-per-node=0",
-            "--cpus-per-task=1",
-            "--time=10",
-            f"--output={log}",
-            "slurm/mlm.sbatch",
-            "--output-dir",
-            str(out_dir),
-            f"data.source={data}",
-            "model.name=scratch:tiny",
-            "train.epochs=1",
-            "train.batch_size=16",
-            "data.max_length=64",
+            "sbatch", "--parsable", "--partition=debug", "--gpus-per-node=0", "--cpus-per-task=1",
+            "--time=10", f"--output={log}", "slurm/mlm.sbatch", "--output-dir", str(out_dir),
+            f"data.source={data}", "model.name=scratch:tiny", f"train.epochs={epochs}",
+            f"train.batch_size={batch_size}", "data.max_length=64", *extra,
         ],
         cwd=REPO,
         env=env,
     )
     assert res.returncode == 0, res.stderr
-    job = res.stdout.strip().split(";")[0]
+    return out_dir, log, res.stdout.strip().split(";")[0]
+
+
+def test_plain_sbatch_requeues_only_after_exit_75(tmp_path):
+    """slurm/mlm.sbatch gets USR2 before the training loop has its handler (the processes ignore it
+    then): training runs to the end and exits 0, so the script must NOT requeue the job (it used to
+    requeue whenever a stop had been requested, whatever the exit code)."""
+    out_dir, log, job = _submit_plain_mlm(tmp_path, n_train=200, epochs=1, batch_size=16)
     # The script's start line comes right after its USR2 trap is set (and before srun starts the
     # training processes, which import for seconds before the training loop installs its handler).
     _wait(
@@ -387,36 +381,9 @@ def test_plain_sbatch_requeues_only_after_exit_75(tmp_path):
 def test_plain_sbatch_requeues_and_resumes_after_exit_75(tmp_path):
     """The other side: USR2 inside the training loop -> checkpoint, exit 75 (seen through accelerate
     launch by radtrain.cluster.run_rank's marker) -> the script requeues -> the rerun resumes."""
-    from radtrain.data.synthetic import write_dataset
-
-    data = write_dataset(tmp_path / "data", 300, 40, 40, seed=1)
-    out_dir = tmp_path / "mlm"
-    log = tmp_path / "mlm.out"
-    env = subprocess_env(PROCS_PER_NODE="1", RADTRAIN_CACHE=str(tmp_path / "cache"))
-    res = _run(
-        [
-            "sbatch",
-            "--parsable",
-            "--partition=debug",
-            "--gpus-per-node=0",
-            "--cpus-per-task=1",
-            "--time=10",
-            f"--output={log}",
-            "slurm/mlm.sbatch",
-            "--output-dir",
-            str(out_dir),
-            f"data.source={data}",
-            "model.name=scratch:tiny",
-            "train.epochs=3",
-            "train.batch_size=8",
-            "data.max_length=64",
-            "train.save_every_steps=2",
-        ],
-        cwd=REPO,
-        env=env,
+    out_dir, log, job = _submit_plain_mlm(
+        tmp_path, n_train=300, epochs=3, batch_size=8, extra=["train.save_every_steps=2"]
     )
-    assert res.returncode == 0, res.stderr
-    job = res.stdout.strip().split(";")[0]
     _wait(
         lambda: list(out_dir.glob("checkpoints/step-*/COMPLETE")),
         PLAIN_TIMEOUT_S,

@@ -105,6 +105,21 @@ def preset_config(name: str, config_path: str | None, overrides: list[str]) -> R
     return load_config(config_path, list(overrides) + forced)
 
 
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE...]`` -> (NAME, overrides): a preset of its own, the user's
+    configuration plus these overrides (e.g. ``b512:train.batch_size=512``)."""
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    items = [item.strip() for item in rest.split(",") if item.strip()]
+    if not sep or not name or not items or any("=" not in item for item in items):
+        raise ConfigError(
+            f"--variant {spec!r} is not NAME:KEY=VALUE[,KEY=VALUE...]; e.g. --variant b512:train.batch_size=512"
+        )
+    if name in PRESETS:
+        raise ConfigError(f"--variant name {name!r} is a built-in preset; choose another name")
+    return name, items
+
+
 # -- measurement helpers ---------------------------------------------------------------------------
 
 
@@ -482,8 +497,9 @@ def environment() -> dict[str, Any]:
 
 def format_table(rows: list[Row]) -> str:
     base = next((r for r in rows if r.preset == "seed"), None)
+    width = max([8, *(len(r.preset) for r in rows)])
     header = (
-        f"{'preset':<8} {'captions/s':>11} {'x seed':>7} {'real tok/s':>11} {'padding':>8} "
+        f"{'preset':<{width}} {'captions/s':>11} {'x seed':>7} {'real tok/s':>11} {'padding':>8} "
         f"{'peak MiB':>9} {'step ms':>8} {'warmup s':>9} {'MFU':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -491,11 +507,17 @@ def format_table(rows: list[Row]) -> str:
         speedup = f"{r.captions_per_s / base.captions_per_s:.2f}" if base and base.captions_per_s else "-"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         lines.append(
-            f"{r.preset:<8} {r.captions_per_s:>11.1f} {speedup:>7} {r.real_tokens_per_s:>11.0f} "
+            f"{r.preset:<{width}} {r.captions_per_s:>11.1f} {speedup:>7} {r.real_tokens_per_s:>11.0f} "
             f"{r.padding_fraction:>8.3f} {r.peak_memory_bytes / 2**20:>9.1f} {r.step_ms:>8.1f} "
             f"{r.warmup_s:>9.2f} {mfu:>6}"
         )
     return "\n".join(lines)
+
+
+def _check_unique(names: list[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"each preset and --variant needs its own name; repeated: {', '.join(repeated)}")
 
 
 def run_bench(
@@ -508,8 +530,10 @@ def run_bench(
     json_path: str | Path | None = None,
     workdir: str | Path | None = None,
     rounds: int = 1,
+    variants: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``presets`` in order and return (and optionally write) their rows."""
+    """Run ``presets`` and then ``variants`` (name -> overrides on top of the user's configuration)
+    in order and return (and optionally write) their rows."""
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
     if warmup < 0:
@@ -519,7 +543,13 @@ def run_bench(
     if phase not in ("classify", "mlm"):
         raise ConfigError(f"--task must be classify or mlm, got {phase!r}")
     overrides = list(overrides or [])
+    variants = dict(variants or {})
+    _check_unique([*presets, *variants])
     configs = {name: preset_config(name, config_path, overrides) for name in presets}
+    configs.update({name: preset_config("user", config_path, overrides + extra) for name, extra in variants.items()})
+    presets = list(configs)
+    if not presets:
+        raise ConfigError("nothing to run: give --presets and/or --variant")
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="radtrain-bench-"))
@@ -558,7 +588,10 @@ def run_bench(
 
 def _cmd(args: argparse.Namespace) -> int:
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    if not presets:
+    parsed = [parse_variant(spec) for spec in args.variant]
+    _check_unique([*presets, *(name for name, _ in parsed)])
+    variants = dict(parsed)
+    if not presets and not variants:
         raise ConfigError("--presets is empty; e.g. --presets seed,fast")
     for p in presets:
         preset_overrides(p)  # validates the name before anything runs
@@ -568,7 +601,10 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.model:
         overrides.insert(0, f"model.name={args.model}")
     logging.basicConfig(level=logging.WARNING)
-    run_bench(presets, args.steps, args.warmup, args.config, overrides, args.task, args.json, rounds=args.rounds)
+    run_bench(
+        presets, args.steps, args.warmup, args.config, overrides, args.task, args.json, rounds=args.rounds,
+        variants=variants,
+    )
     return 0
 
 
@@ -590,6 +626,11 @@ def register_cli(subparsers) -> None:
     p.add_argument(
         "--rounds", type=int, default=1,
         help="split the timed steps into this many interleaved rounds (fair ratios on a shared, noisy CPU)",
+    )
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
+        help="an extra preset named NAME: the user's configuration plus these overrides (repeatable), "
+        "e.g. --variant b512:train.batch_size=512 --variant b512_padded:train.batch_size=512,data.packing=off",
     )
     p.add_argument("--task", default="classify", choices=("classify", "mlm"), help="which phase's step to time")
     p.add_argument("--json", help="write the rows here")

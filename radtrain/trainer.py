@@ -368,7 +368,7 @@ class Trainer:
         """One optimizer step over the micro global batches in `micro`; this rank trains on its
         slice of each. Returns (summed loss, items) of the whole step divided by the process count."""
         cfg, st = self.cfg, self.state
-        batches = []
+        batches, local_items = [], 0
         for j, global_batch in enumerate(micro):
             batch = self._collate(self.train_split, rank_slice(global_batch, self.rank, self.world))
             # The same generator on every rank: the task draws per caption from it (MLM masks are a
@@ -376,12 +376,15 @@ class Trainer:
             batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, step_in_epoch, j))
             if self.packing:  # after prepare: MLM masks are drawn on the padded batch either way
                 batch = packing.pack(batch, token_labels=self.task.name == "mlm")
+            local_items += self.task.num_items(batch)  # counted on the CPU copy: no device sync
             batches.append(self._to_device(batch))
-        local_items = sum(self.task.num_items(b) for b in batches)
         # The loss is normalised by the items of the whole global batch (all micro-batches, all
         # ranks) so that accumulation and the process count do not change the gradient. One
-        # all-reduce of a scalar per optimizer step.
-        global_items = int(self.acc.reduce(torch.tensor(float(local_items), device=self.acc.device), "sum").item())
+        # all-reduce of a scalar per optimizer step (none, and so no GPU sync, on one process).
+        global_items = local_items
+        if self.world > 1:
+            counted = torch.tensor(float(local_items), device=self.acc.device)
+            global_items = int(self.acc.reduce(counted, "sum").item())
         # accelerate divides by grad_accum (DeepSpeed by its own GAS, the same number) and DDP
         # averages over ranks; undo both so the result is sum(loss) / global_items.
         scale = self.world * self.acc.gradient_accumulation_steps / max(global_items, 1)

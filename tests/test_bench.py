@@ -60,6 +60,36 @@ def test_bench_cli_writes_rows(captions, tmp_path, capsys):
     assert "captions/s" in capsys.readouterr().out
 
 
+def test_bench_variants_are_named_presets_on_the_user_config(captions, tmp_path):
+    """--variant NAME:k=v,... adds a preset: the user's configuration plus its own overrides."""
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--data", str(captions), "--model", "scratch:tiny", "--presets", "fast",
+        "--variant", "b16:train.batch_size=16", "--variant", "b16_padded:train.batch_size=16,data.packing=off",
+        "--steps", "2", "--warmup", "0", "--json", str(out), "data.min_label_count=3", "data.packing=on",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ])
+    assert code == 0
+    rows = {r["preset"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["fast", "b16", "b16_padded"]
+    assert rows["fast"]["settings"]["batch_size"] == 8 and rows["fast"]["settings"]["packing"] == "auto"
+    assert rows["b16"]["settings"]["batch_size"] == 16 and rows["b16"]["settings"]["packed"]
+    assert rows["b16_padded"]["settings"]["batch_size"] == 16 and not rows["b16_padded"]["settings"]["packed"]
+    assert rows["b16"]["padding_fraction"] == 0.0 < rows["b16_padded"]["padding_fraction"]
+
+
+@pytest.mark.parametrize("spec", ["b16", "b16:", "b16:train.batch_size", ":train.batch_size=16", "seed:train.batch_size=4"])
+def test_bench_rejects_a_malformed_variant(captions, spec, capsys):
+    assert main(["bench", "--data", str(captions), "--variant", spec, "--steps", "2"]) == 2
+    assert "--variant" in capsys.readouterr().err
+
+
+def test_bench_rejects_repeated_names(captions, capsys):
+    args = ["bench", "--data", str(captions), "--variant", "a:train.batch_size=4", "--variant", "a:train.batch_size=8"]
+    assert main([*args, "--steps", "2"]) == 2
+    assert "repeated: a" in capsys.readouterr().err
+
+
 def test_fast_fp32_is_the_fast_preset_but_for_precision(captions):
     fast, mine = (preset_config(p, None, overrides(captions, *extra)) for p, extra in (("fast", []), FAST_FP32))
     assert mine.train.precision == "fp32" and fast.train.precision == "auto"

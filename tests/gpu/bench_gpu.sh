@@ -1,48 +1,97 @@
 #!/usr/bin/env bash
-# GPU half of docs/benchmarks.md: run from anywhere on a machine with one H100 or H200.
+# The GPU half of docs/benchmarks.md and docs/deepspeed.md, as ONE script for one short lease of
+# one H100/H200 (run it from the repository root):
 #
-#   DATA=/path/to/roco_v1_radiology.jsonl OUT=bench-gpu bash tests/gpu/bench_gpu.sh
+#   DATA=path/to/roco_v1_radiology.jsonl OUT=bench-gpu BUDGET=500 bash tests/gpu/bench_gpu.sh
 #
-# 1. the maths check on the GPU: packed batches through the CUDA varlen kernel (flash-attn if
-#    installed, else PyTorch's own) give the padded batch's loss and gradients in bf16;
-# 2. `radtrain bench` for the classifier on the ModernBERT-base and -large shapes (random init,
-#    the real ROCO captions, labels seen >= 10 times): seed (fp32, pad 256, batch 8), fast (our
-#    defaults: bf16, length buckets, packing, batch 8) and user = fast at batch 128 (the
-#    throughput configuration the issue's 10,000 captions/s target is about);
-# 3. the MLM phase likewise (real tokens/s), and torch.compile over the same presets.
-# Everything lands in $OUT as JSON rows + logs; copy the tables into docs/benchmarks.md with the
-# card name and the versions printed first.
-set -euo pipefail
+# Steps, most important first; each has its own time limit, and a step that would start with less
+# than 20 s of BUDGET left is skipped, so a lease that runs short still returns what was measured:
+#   versions   card, driver, torch/CUDA, transformers, accelerate, deepspeed, flash-attn
+#   maths      the CUDA test: packed batches through the varlen kernel = the padded batch (bf16)
+#   cls_base   `radtrain bench`, ModernBERT-base shape: seed, fast, batch 128/512/1024 packed, 512 padded
+#   mlm_base   the MLM phase (real tokens/s)
+#   profile    where the time of a batch-512 step goes (GPU busy vs idle, top kernels)
+#   cls_large  the same for the ModernBERT-large shape (seed, fast, batch 256/512)
+#   zero       plain vs ZeRO-2 vs ZeRO-3, ModernBERT-large shape, through `accelerate launch`
+#   compile    torch.compile on the batch-512 packed configuration vs eager, same run
+# Everything lands in $OUT/results.tar (one JSON and one log per step, appended as each step ends)
+# and $OUT/steps.txt; the tables are printed last.
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/roco_v1_radiology.jsonl}
 OUT=${OUT:-bench-gpu}
-STEPS=${STEPS:-60}
-mkdir -p "$OUT"
-export RADTRAIN_PROGRESS=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+BUDGET=${BUDGET:-500}
+WORK=${WORK:-/tmp/radtrain-gpu}
+BASE=${BASE:-scratch:base} LARGE=${LARGE:-scratch:large} STEPS=${STEPS:-30}  # smaller: a CPU dry run
+START=$SECONDS
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RADTRAIN_PROGRESS=0 TOKENIZERS_PARALLELISM=false \
+  HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 WANDB_MODE=offline RADTRAIN_CACHE="$WORK/cache"
 [ -f "$DATA" ] || { echo "no captions at DATA=$DATA" >&2; exit 2; }
-python -c "import radtrain" 2>/dev/null || python -m pip install -q --no-deps -e .
 
-python - <<'PY' | tee "$OUT/versions.txt"
-import torch, transformers, accelerate
-print("device", torch.cuda.get_device_name(0), "| torch", torch.__version__, "cuda", torch.version.cuda,
-      "| transformers", transformers.__version__, "| accelerate", accelerate.__version__)
-try:
-    import flash_attn; print("flash_attn", flash_attn.__version__)
-except Exception as exc:
-    print("flash_attn not installed:", type(exc).__name__, "-> PyTorch varlen attention")
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2 left t0 rc
+  shift 2
+  left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 20 ]; then
+    echo "$name skipped: ${left}s of budget left" | tee -a "$OUT/steps.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  t0=$SECONDS
+  timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" >"$WORK/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/steps.txt"
+  tail -n 12 "$WORK/$name.log"
+  (cd "$WORK" && tar -rf "$OUT/results.tar" "$name.log" $(ls "$name".json 2>/dev/null))
+}
+
+versions() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+  python - <<'PY'
+import importlib, torch
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "| capability", torch.cuda.get_device_capability(0))
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+for name in ("transformers", "accelerate", "deepspeed", "flash_attn", "tokenizers"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:
+        print(name, "not available:", type(exc).__name__, str(exc)[:120])
+from radtrain import packing
+print("torch varlen kernel:", packing.torch_varlen_kernel(), "| flash-attn:", packing.flash_attn_installed())
 PY
+}
 
-# 1. maths (bf16 varlen kernels vs padded SDPA, fp32 packed vs seed)
-python -m pytest -q -p no:cacheprovider tests/test_bench.py -k "cuda or seed_loss or mlm" 2>&1 | tee "$OUT/maths.log"
+bench() {  # bench NAME [radtrain bench args...]
+  local name=$1
+  shift
+  python -m radtrain bench --data "$DATA" --json "$WORK/$name.json" "$@" data.min_label_count=10
+}
 
-common=(--data "$DATA" --steps "$STEPS" --warmup 5 --rounds 3 data.min_label_count=10 train.batch_size=128)
-# 2. classifier
-for size in base large; do
-  radtrain bench "${common[@]}" --model "scratch:$size" --presets seed,fast,user \
-    --json "$OUT/classify_$size.json" 2>&1 | tee "$OUT/classify_$size.log"
+export -f versions bench
+export DATA WORK
+step versions 60 versions
+step maths 120 python -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
+  -k "cuda or seed_loss or real_step or mlm"
+step cls_base 150 bench cls_base --model "$BASE" --steps "$STEPS" --warmup 5 --rounds 3 --presets seed,fast \
+  --variant b128:train.batch_size=128 --variant b512:train.batch_size=512 \
+  --variant b512_padded:train.batch_size=512,data.packing=off --variant b1024:train.batch_size=1024
+step mlm_base 120 bench mlm_base --task mlm --model "$BASE" --steps "$STEPS" --warmup 5 --rounds 3 \
+  --presets seed,fast --variant b512:train.batch_size=512
+step profile 90 python tests/gpu/profile_step.py --data "$DATA" --model "$BASE" --warmup 5 --steps 5 \
+  train.batch_size=512 data.min_label_count=10
+step cls_large 150 bench cls_large --model "$LARGE" --steps $((STEPS * 2 / 3)) --warmup 4 --rounds 2 \
+  --presets seed,fast --variant b256:train.batch_size=256 --variant b512:train.batch_size=512
+step zero 260 python tests/gpu/bench_zero.py --data "$DATA" --steps 30 --timeout 110 --work "$WORK/zero" \
+  --out "$WORK/zero.json"
+step compile 180 bench compile --model "$BASE" --steps "$STEPS" --warmup 8 --presets "" \
+  --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true
+
+echo "== total $((SECONDS - START))s"
+cat "$OUT/steps.txt"
+for f in "$WORK"/*.log; do
+  echo "== $(basename "$f")"
+  grep -E "^(preset|-----|seed |fast |b[0-9]|user |\| |plain|zero|device|torch|wall|GPU busy|[0-9]+ passed|FAILED)" "$f" | head -20
 done
-# 3. MLM and compile (base shape)
-radtrain bench "${common[@]}" --model scratch:base --task mlm --presets seed,fast,user \
-  --json "$OUT/mlm_base.json" 2>&1 | tee "$OUT/mlm_base.log"
-radtrain bench "${common[@]}" --model scratch:base --presets fast,user train.compile=true \
-  --json "$OUT/classify_base_compile.json" 2>&1 | tee "$OUT/classify_base_compile.log"

@@ -44,7 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _data(work: Path) -> tuple[str, str]:
+def _data(work: Path, given: str | None) -> tuple[str, str]:
+    if given:
+        return given, f"{Path(given).name} (--data)"
     if ROCO.is_file():
         return str(ROCO), "ROCO v1 radiology captions (shared/data)"
     from radtrain.data.synthetic import write_dataset
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="plain,zero2,zero3", help=f"comma-separated, from {sorted(MODES)}")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32, help="train.batch_size (per GPU)")
+    parser.add_argument("--data", help="captions (default: ../shared/data/roco_v1_radiology.jsonl, else synthetic)")
     parser.add_argument("--work", default="/tmp/radtrain_bench_zero")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--timeout", type=int, default=540, help="seconds per mode before it is killed")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    source, data_name = _data(work)
+    source, data_name = _data(work, args.data)
     overrides = [
         f"data.source={source}",
         "model.name=scratch:large",
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             results["modes"][mode] = {"error": f"timeout after {args.timeout} s"}
         results["modes"][mode]["launch_s"] = round(time.perf_counter() - started, 1)
         print(mode, json.dumps(results["modes"][mode])[:400], flush=True)
+        if args.out:  # after every mode: a lease that ends early still returns what was measured
+            Path(args.out).write_text(json.dumps(results, indent=1))
 
     print(f"\n{results['versions']}\ndata: {data_name}; {' '.join(overrides[1:])}\n")
     print("| mode | peak allocated (GiB) | peak reserved (GiB) | captions/s | tokens/s |")
@@ -163,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"| {mode} | {r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | "
                   f"{r['captions_per_s']:.0f} | {r['real_tokens_per_s']:.0f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in r for r in results["modes"].values()) else 1
 
 

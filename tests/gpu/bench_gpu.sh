@@ -4,6 +4,8 @@
 #
 #   DATA=path/to/roco_v1_radiology.jsonl OUT=bench-gpu BUDGET=500 bash tests/gpu/bench_gpu.sh
 #
+# On a lent machine run it through tests/gpu/device_run.sh (finds the right python, preflight).
+#
 # Steps, most important first; each has its own time limit, and a step that would start with less
 # than 20 s of BUDGET left is skipped, so a lease that runs short still returns what was measured:
 #   versions   card, driver, torch/CUDA, transformers, accelerate, deepspeed, flash-attn
@@ -22,6 +24,7 @@ DATA=${DATA:-../shared/data/roco_v1_radiology.jsonl}
 OUT=${OUT:-bench-gpu}
 BUDGET=${BUDGET:-500}
 WORK=${WORK:-/tmp/radtrain-gpu}
+PY=${PY:-python3}  # tests/gpu/device_run.sh sets it to the interpreter that has torch
 BASE=${BASE:-scratch:base} LARGE=${LARGE:-scratch:large} STEPS=${STEPS:-30}  # smaller: a CPU dry run
 START=$SECONDS
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
@@ -45,11 +48,12 @@ step() {  # step NAME LIMIT_S COMMAND...
   echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/steps.txt"
   tail -n 12 "$WORK/$name.log"
   (cd "$WORK" && tar -rf "$OUT/results.tar" "$name.log" $(ls "$name".json 2>/dev/null))
+  return "$rc"
 }
 
 versions() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
-  python - <<'PY'
+  "$PY" - <<'PY'
 import importlib, torch
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), "| capability", torch.cuda.get_device_capability(0))
@@ -67,24 +71,24 @@ PY
 bench() {  # bench NAME [radtrain bench args...]
   local name=$1
   shift
-  python -m radtrain bench --data "$DATA" --json "$WORK/$name.json" "$@" data.min_label_count=10
+  "$PY" -m radtrain bench --data "$DATA" --json "$WORK/$name.json" "$@" data.min_label_count=10
 }
 
 export -f versions bench
-export DATA WORK
-step versions 60 versions
-step maths 120 python -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
+export DATA WORK PY
+step versions 60 versions || { echo "versions failed: stopping before the benchmarks"; exit 3; }
+step maths 120 "$PY" -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
   -k "cuda or seed_loss or real_step or mlm"
 step cls_base 150 bench cls_base --model "$BASE" --steps "$STEPS" --warmup 5 --rounds 3 --presets seed,fast \
   --variant b128:train.batch_size=128 --variant b512:train.batch_size=512 \
   --variant b512_padded:train.batch_size=512,data.packing=off --variant b1024:train.batch_size=1024
 step mlm_base 120 bench mlm_base --task mlm --model "$BASE" --steps "$STEPS" --warmup 5 --rounds 3 \
   --presets seed,fast --variant b512:train.batch_size=512
-step profile 90 python tests/gpu/profile_step.py --data "$DATA" --model "$BASE" --warmup 5 --steps 5 \
+step profile 90 "$PY" tests/gpu/profile_step.py --data "$DATA" --model "$BASE" --warmup 5 --steps 5 \
   train.batch_size=512 data.min_label_count=10
 step cls_large 150 bench cls_large --model "$LARGE" --steps $((STEPS * 2 / 3)) --warmup 4 --rounds 2 \
   --presets seed,fast --variant b256:train.batch_size=256 --variant b512:train.batch_size=512
-step zero 260 python tests/gpu/bench_zero.py --data "$DATA" --steps 30 --timeout 110 --work "$WORK/zero" \
+step zero 260 "$PY" tests/gpu/bench_zero.py --data "$DATA" --steps 30 --timeout 110 --work "$WORK/zero" \
   --out "$WORK/zero.json"
 step compile 180 bench compile --model "$BASE" --steps "$STEPS" --warmup 8 --presets "" \
   --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true

@@ -2,9 +2,9 @@
 
 Layout: ``checkpoints/step-00000123/`` holds accelerate's state (model, optimizer, scheduler,
 RNG per rank), ``trainer_state.json`` and, written last, ``COMPLETE`` (a manifest with the
-config fingerprint, world size and the size of every file). A directory without a valid
-manifest is never resumed from, so a kill mid-write costs at most the steps since the previous
-checkpoint. Rotation keeps ``train.save_total_limit`` checkpoints and never touches ``best/``.
+config fingerprint, a digest of the training data, world size and the size and sha256 of
+every file). A directory without a valid manifest is never resumed from, so a kill mid-write
+costs at most the steps since the previous checkpoint. Rotation keeps ``train.save_total_limit`` checkpoints and never touches ``best/``.
 """
 
 from __future__ import annotations
@@ -113,9 +113,10 @@ class CheckpointInfo:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, fingerprint: str, world_size: int, keep: int):
+    def __init__(self, run_dir: Path, fingerprint: str, world_size: int, keep: int, data_digest: str | None = None):
         self.root = Path(run_dir) / "checkpoints"
         self.fingerprint = fingerprint
+        self.data_digest = data_digest  # the training split's TokenizedSplit.digest()
         self.world_size = world_size
         self.keep = keep
         # The step of the newest checkpoint this process wrote or resumed from: a second save of
@@ -161,6 +162,15 @@ class CheckpointManager:
                 "optimizer shards resume only at the same world size. Relaunch with "
                 f"{info.world_size} processes, or start a new output_dir with model.init_from=<run>/best "
                 "to continue from the exported weights."
+            )
+        saved = info.manifest.get("data_digest")
+        if saved and self.data_digest and saved != self.data_digest:
+            raise CheckpointError(
+                f"{info.path} was trained on other data: the training captions, their tokenization or the "
+                f"label space differ from this run's (data digest {saved} != {self.data_digest}), although the "
+                "configuration is the same (data.source points at changed files?). Resuming would mix two "
+                "datasets in one schedule. Restore the original data to resume, or start a new output_dir "
+                "(model.init_from=<run>/best continues from the exported weights)."
             )
 
     def verify(self, info: CheckpointInfo) -> None:
@@ -209,6 +219,7 @@ class CheckpointManager:
                 files = _manifest_for(tmp)
                 manifest = {
                     "fingerprint": self.fingerprint,
+                    "data_digest": self.data_digest,
                     "world_size": self.world_size,
                     "global_step": state.global_step,
                     "written_at": time.time(),

@@ -26,6 +26,7 @@ from radtrain.config import RunConfig
 from radtrain.data.batching import collate, eval_plan, plan_epoch, rank_slice
 from radtrain.data.sources import DataError
 from radtrain.data.tokens import TokenizedSplit
+from radtrain.io import write_text
 from radtrain.metrics import is_better
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,11 @@ class Trainer:
         self.lengths = train_split.lengths
         self.steps_per_epoch = len(self._epoch_steps(0))
         if self.steps_per_epoch == 0:
-            raise DataError(
-                f"the training split has {len(train_split)} caption(s), fewer than the {self.world} "
-                "processes: every rank needs at least one caption per step. Use more data or fewer processes."
-            )
+            raise DataError("the training split has no captions; check data.source and data.max_train_samples")
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
-        self.ckpt = CheckpointManager(self.run_dir, fingerprint, self.world, cfg.train.save_total_limit)
+        self.ckpt = CheckpointManager(
+            self.run_dir, fingerprint, self.world, cfg.train.save_total_limit, data_digest=train_split.digest()
+        )
         # Padding-free training micro-batches where a varlen attention kernel makes it pay (see
         # radtrain/packing.py); evaluation always pads. Decided before prepare() wraps the model.
         self.packing = packing.resolve(
@@ -179,7 +179,9 @@ class Trainer:
         The plan is cut in optimizer-step batches first (batch_size x grad_accum x processes
         captions), then into micro-batches, then per rank: batch 16 on one process, batch 8 x
         accum 2, and batch 8 on two processes all train on exactly the same captions per step.
-        A final micro-batch with fewer captions than processes is dropped (a rank would be empty).
+        Nothing is dropped: a micro-batch with fewer captions than processes is trained with
+        zero-weight fillers on the ranks it leaves empty (see _step), so the plan, the number of
+        steps and the updates do not depend on the process count.
         """
         steps = []
         plan = plan_epoch(
@@ -188,10 +190,7 @@ class Trainer:
         )
         for batch in plan:
             size = self.micro_global_batch
-            micro = [batch[i : i + size] for i in range(0, len(batch), size)]
-            micro = [m for m in micro if len(m) >= self.world]
-            if micro:
-                steps.append(micro)
+            steps.append([batch[i : i + size] for i in range(0, len(batch), size)])
         return steps
 
     def _collate(self, split: TokenizedSplit, indices: np.ndarray) -> dict[str, torch.Tensor]:
@@ -276,9 +275,7 @@ class Trainer:
                     continue  # a torn last line from a kill
                 if row.get("step", 0) <= step:
                     kept.append(line)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, path)
+            write_text(path, "".join(k + "\n" for k in kept))
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -368,15 +365,22 @@ class Trainer:
         """One optimizer step over the micro global batches in `micro`; this rank trains on its
         slice of each. Returns (summed loss, items) of the whole step divided by the process count."""
         cfg, st = self.cfg, self.state
-        batches, local_items = [], 0
+        batches, fillers, local_items = [], [], 0
         for j, global_batch in enumerate(micro):
-            batch = self._collate(self.train_split, rank_slice(global_batch, self.rank, self.world))
+            mine = rank_slice(global_batch, self.rank, self.world)
+            # A micro-batch with fewer captions than processes leaves some ranks without one. Such a
+            # rank trains on a caption of the batch with its loss multiplied by 0: it still runs
+            # forward and backward (DDP's and ZeRO's collectives need every rank), adds nothing to
+            # the gradient or the item count, and the update equals a single process's.
+            fillers.append(len(mine) == 0)
+            batch = self._collate(self.train_split, global_batch[:1] if fillers[-1] else mine)
             # The same generator on every rank: the task draws per caption from it (MLM masks are a
             # function of seed, epoch, step, micro-batch and caption, not of the rank or padding).
             batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, step_in_epoch, j))
             if self.packing:  # after prepare: MLM masks are drawn on the padded batch either way
                 batch = packing.pack(batch, token_labels=self.task.name == "mlm")
-            local_items += self.task.num_items(batch)  # counted on the CPU copy: no device sync
+            if not fillers[-1]:
+                local_items += self.task.num_items(batch)  # counted on the CPU copy: no device sync
             batches.append(self._to_device(batch))
         # The loss is normalised by the items of the whole global batch (all micro-batches, all
         # ranks) so that accumulation and the process count do not change the gradient. One
@@ -396,6 +400,8 @@ class Trainer:
             context = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with context:
                 loss_sum = faults.poison_loss(self.task.loss_sum(self.model, batch), st.global_step + 1)
+                if fillers[j]:
+                    loss_sum = loss_sum * 0.0
                 self.acc.backward(loss_sum * scale)
             total += loss_sum.detach().float()
         faults.hit("step", st.global_step + 1)  # test hook (kill / signal inside a step)

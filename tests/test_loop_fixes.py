@@ -138,8 +138,6 @@ def test_mlm_two_processes_agree_with_one(tmp_path, roco_dir):
     """MLM, batch 16 on one process vs batch 8 on two: same captions and, now, the same masks per
     step, so the train losses agree up to summation order (as tests/test_multiprocess.py checks
     for classification). With per-rank masks they differed by several percent from step 1."""
-    # roco_dir: 600 training captions, so no step of the plan has fewer captions than processes
-    # (such a step is dropped on two processes and the step sequences would no longer line up).
     common = [f"data.source={roco_dir}", *TINY, "train.lr=1e-3", "train.max_steps=12", "train.log_every_steps=1",
               "train.precision=fp32"]
     logs = {}

@@ -72,3 +72,29 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, roco_dir):
     assert len(runs["big"]) == len(runs["accum"]) == 38
     for a, b in zip(runs["big"], runs["accum"], strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3), a["step"]
+
+
+def test_a_step_with_fewer_captions_than_processes_is_trained_not_dropped(tmp_path, roco_dir):
+    """593 captions, global batch 16: the epoch's last step has 1 caption, fewer than the 2
+    processes. One process trains it; two processes used to drop it (37 steps instead of 38, and
+    one caption never seen). Now the empty rank runs a zero-weight filler: same steps, same losses,
+    and the last step's loss is that one caption's on both."""
+    common = [f"data.source={roco_dir}", *TINY, "train.epochs=1", "train.log_every_steps=1",
+              "data.max_train_samples=593", "train.precision=fp32"]
+    logs = {}
+    for name, launcher, batch in (
+        ("one", (), "train.batch_size=16"),
+        ("two", ("accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+                 "--main_process_port", "29551", "-m"), "train.batch_size=8"),
+    ):
+        out = tmp_path / name
+        result = subprocess.run(
+            [PYTHON, "-m", *launcher, "radtrain", "classify", "--output-dir", str(out), *common, batch],
+            capture_output=True, text=True, timeout=600, env=subprocess_env(),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = rows(out / "train_log.jsonl")
+    assert len(logs["one"]) == len(logs["two"]) == 38
+    for a, b in zip(logs["one"], logs["two"], strict=True):
+        assert b["step"] == a["step"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), a["step"]

@@ -67,3 +67,39 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(tmp_path, roco_dir)
     summary_a = json.loads((straight / "summary.json").read_text())
     summary_b = json.loads((killed / "summary.json").read_text())
     assert summary_b["test"] == pytest.approx(summary_a["test"], abs=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, roco_dir):
+    """Same config, changed training file (one caption edited): the config fingerprint matches, but
+    resuming would continue one schedule on two datasets. Exit 2 with a message that names the data,
+    and the checkpoint is left as it was; with the original data back it resumes."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(roco_dir, data)
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "radtrain", "classify", "--output-dir", str(run), f"data.source={data}", *TINY,
+           "train.max_steps=8", "train.save_every_steps=4"]
+    stopped = subprocess.run(cmd, timeout=600, env=subprocess_env(RADTRAIN_FAULT="step:4:SIGTERM"),
+                             capture_output=True, text=True)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    checkpoint = run / "checkpoints" / "step-00000004"
+    manifest = json.loads((checkpoint / "COMPLETE").read_text())
+    assert len(manifest["data_digest"]) == 16
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+
+    train = data / "train.jsonl"
+    original = train.read_text(encoding="utf-8")
+    rows = original.splitlines()
+    first = json.loads(rows[0])
+    first["caption"] = first["caption"] + " with an added finding"
+    train.write_text("\n".join([json.dumps(first), *rows[1:]]) + "\n", encoding="utf-8")
+    refused = subprocess.run(cmd, timeout=600, env=subprocess_env(), capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "was trained on other data" in refused.stderr and "data digest" in refused.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == before
+
+    train.write_text(original, encoding="utf-8")
+    resumed = subprocess.run(cmd, timeout=600, env=subprocess_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr

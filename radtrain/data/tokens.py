@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from radtrain.io import replacing
+
 TOKENIZE_CHUNK = 4096
 
 
@@ -38,6 +40,16 @@ class TokenizedSplit:
 
     def row(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def digest(self) -> str:
+        """Hash of what training reads: every caption's token ids, in order, and the targets.
+        (Token ids cover the texts, the tokenizer and max_length; targets cover the label space.)"""
+        h = hashlib.sha256()
+        for array in (self.ids, self.offsets, self.targets):
+            if array is not None:
+                h.update(str((array.dtype.str, array.shape)).encode())
+                h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()[:16]
 
 
 def _tokenizer_digest(tokenizer) -> str:
@@ -80,9 +92,8 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache_dir: str 
     split = TokenizedSplit(ids=ids, offsets=offsets)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, ids=ids, offsets=offsets)
-        os.replace(tmp, path)
+        with replacing(path, suffix=".npz") as tmp:
+            np.savez(tmp, ids=ids, offsets=offsets)
     except OSError:
         pass  # caching is an optimisation; a read-only home must not fail the run
     return split

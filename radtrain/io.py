@@ -1,0 +1,49 @@
+"""Whole-file writes: a reader (a resumed run, `radtrain evaluate`, another rank, a person with
+`cat`) sees the old file or the new one, never half of one.
+
+Each write goes to a temporary file in the same directory (same filesystem, so the final
+``os.replace`` is one atomic rename) and the temporary file is removed if the write fails, so a
+full disk leaves the previous version in place and no debris. The temporary name carries the
+process id: several ranks may write the same file at once (each swaps in a whole copy). Names end
+in ``.tmp`` (before any suffix the writer needs, e.g. ``.npz``), which the Hub upload skips.
+
+Directories (checkpoints, ``best/``) have their own swap protocols in checkpoint.py and export.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block ends without an error it replaces
+    ``path`` in one rename. ``suffix`` is for writers that insist on one (``np.savez`` adds
+    ``.npz`` to any name without it)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` line ends on every platform) to ``path`` atomically."""
+    path = Path(path)
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
+    """``json.dumps(data)`` to ``path`` atomically (with a final newline when indented)."""
+    return write_text(path, json.dumps(data, indent=indent) + ("\n" if indent is not None else ""))

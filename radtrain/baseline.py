@@ -17,9 +17,7 @@ the test split is used once, for the reported test figures.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from radtrain.config import ConfigError, RunConfig, load_config
+from radtrain.io import replacing, write_json
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +250,9 @@ def run_baseline(
     for name in names[1:]:
         arrays[f"{name}_probs"] = probs[name]
         arrays[f"{name}_labels"] = targets[name].astype(np.uint8)
-    tmp = out_dir / (PREDICTIONS_FILE + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, out_dir / PREDICTIONS_FILE)
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / "summary.json")
+    with replacing(out_dir / PREDICTIONS_FILE, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+    write_json(out_dir / "summary.json", summary)
     for name in names[1:]:
         r = results[name]
         print(

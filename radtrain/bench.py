@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
 import os
 import platform
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radtrain.config import ConfigError, DataConfig, RunConfig, TrainConfig, load_config
+from radtrain.io import write_json
 
 if TYPE_CHECKING:  # torch is imported where used: `radtrain --help` should not pay for it
     import torch
@@ -243,26 +243,13 @@ class _Shared:
     """What every preset shares: splits, label space, tokenizer (built once)."""
 
     def __init__(self, cfg: RunConfig, phase: str, workdir: Path) -> None:
-        from radtrain import models
-        from radtrain.data.labels import LabelSpace
         from radtrain.data.sources import load_splits
-        from radtrain.phase import label_names
+        from radtrain.phase import fit_label_space, load_or_train_tokenizer
 
         self.phase = phase
         self.splits = load_splits(cfg.data, need_labels=phase == "classify")
-        self.label_space = None
-        if phase == "classify":
-            self.label_space = LabelSpace.fit(
-                self.splits["train"].labels, cfg.data.min_label_count, label_names(cfg, self.splits)
-            )
-        if cfg.model.init_from:
-            self.tokenizer = models.load_tokenizer(cfg.model.init_from, cfg.model.trust_remote_code)
-        elif cfg.model.is_scratch:
-            self.tokenizer = models.train_scratch_tokenizer(
-                self.splits["train"].texts, cfg.model.name.split(":", 1)[1], cfg.data.max_length
-            )
-        else:
-            self.tokenizer = models.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        self.label_space = fit_label_space(cfg, self.splits) if phase == "classify" else None
+        self.tokenizer = load_or_train_tokenizer(cfg, self.splits["train"].texts)
         self.workdir = workdir
         self._tokenized: dict[int, Any] = {}
 
@@ -298,28 +285,16 @@ def _restore_accelerate_state(snapshot: tuple[dict, dict]) -> None:
         cls._shared_state.update(saved)
 
 
-def _configure_cuda() -> None:
-    import torch
-
-    # As run_phase does: cuDNN SDPA rebuilds its plan for every new sequence length.
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-
 def build_trainer(cfg: RunConfig, shared: _Shared, run_dir: Path):
     """A real Trainer for ``cfg`` on the shared data (model built from cfg.train.seed)."""
     from radtrain import models
     from radtrain.distributed import make_accelerator
-    from radtrain.phase import build_task, resolve_precision
+    from radtrain.phase import build_model, build_task, resolve_precision
 
     _reset_accelerate()
     accelerator = make_accelerator(resolve_precision(cfg.train.precision), cfg.train.grad_accum)
     models.check_max_length(cfg.data.max_length, models.source_config(cfg.model))
-    if shared.phase == "mlm":
-        model = models.build_mlm_model(cfg.model, shared.tokenizer, cfg.train.seed)
-    else:
-        model = models.build_classifier(cfg.model, shared.tokenizer, shared.label_space.cuis, cfg.train.seed)
+    model = build_model(shared.phase, cfg, shared.tokenizer, shared.label_space)
     train = shared.train_split(cfg)
     task = build_task(shared.phase, cfg, shared.tokenizer, shared.label_space, n_train=len(train))
     trainer = _observed_trainer_class()(
@@ -381,7 +356,9 @@ class PresetRun:
     rounds (``--rounds``), so a CPU shared with other jobs slows every preset alike."""
 
     def __init__(self, name: str, cfg: RunConfig, shared: _Shared, workdir: Path) -> None:
-        _configure_cuda()
+        from radtrain.phase import configure_cuda
+
+        configure_cuda()
         self.name, self.cfg = name, cfg
         self.trainer, _ = build_trainer(cfg, shared, workdir / name)
         self._snapshot = _accelerate_state()
@@ -580,9 +557,7 @@ def run_bench(
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json(path, out)
     return out
 
 

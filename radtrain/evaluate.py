@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,7 @@ from radtrain.config import ConfigError, RunConfig, load_config
 from radtrain.data.labels import LabelSpace
 from radtrain.data.sources import load_splits
 from radtrain.export import LABELS_FILE, read_meta
+from radtrain.io import write_json
 
 
 def export_config(model_dir: Path, source: str | None, overrides: list[str] | None = None) -> RunConfig:
@@ -52,7 +51,5 @@ def evaluate_model(
         if output:
             output = Path(output)
             output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = output.with_name(output.name + ".tmp")
-            tmp.write_text(json.dumps({"split": split, "model": str(model_dir), **metrics}, indent=1))
-            os.replace(tmp, output)
+            write_json(output, {"split": split, "model": str(model_dir), **metrics})
     return metrics

@@ -18,6 +18,7 @@ from typing import Any
 from radtrain import faults
 from radtrain.checkpoint import CheckpointError, any_rank, fsync_dir, write_failed
 from radtrain.data.labels import LabelSpace
+from radtrain.io import write_json
 
 META_FILE = "radtrain.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -115,7 +116,4 @@ def read_thresholds(model_dir: str | Path, default: float = 0.5) -> dict[str, An
 
 
 def write_thresholds(model_dir: str | Path, thresholds: dict[str, Any]) -> None:
-    path = Path(model_dir) / THRESHOLDS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(thresholds, indent=1))
-    os.replace(tmp, path)
+    write_json(Path(model_dir) / THRESHOLDS_FILE, thresholds)

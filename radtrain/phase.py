@@ -6,7 +6,6 @@ source -> splits -> label space -> tokenizer -> tokenized splits -> task + model
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from radtrain.data.sources import Split, load_splits
 from radtrain.data.tokens import TokenizedSplit, tokenize_texts
 from radtrain.distributed import make_accelerator
 from radtrain.export import LABELS_FILE, export_model, read_thresholds, recover_dir
+from radtrain.io import write_json, write_text
 from radtrain.tasks import MLMTask, MultiLabelTask
 from radtrain.trainer import Trainer, evaluate_split
 
@@ -46,12 +46,6 @@ def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no", "bf16": "bf16"}[precision]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_init_from(init_from: str | None) -> None:
@@ -104,16 +98,44 @@ def label_names(cfg: RunConfig, splits: dict[str, Split]) -> dict[str, str]:
     return names
 
 
-def prepare_tokenizer(cfg: RunConfig, accelerator, run_dir: Path, train_texts: list[str]):
-    """init_from's tokenizer, a Hub/local one, or (scratch) one trained on this run's training
-    texts by the main process and shared through the run directory."""
+def configure_cuda() -> None:
+    """Kernel choices for every GPU step (training, bench): no-ops without CUDA."""
+    if torch.cuda.is_available():
+        # cuDNN's SDPA builds a new plan for every new sequence length (measured: 805 vs 314
+        # captions/s on an H100 with length-bucketed batches); the flash/efficient kernels do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def fit_label_space(cfg: RunConfig, splits: dict[str, Split]) -> LabelSpace:
+    """The classifier's labels: fitted on the training split only."""
+    return LabelSpace.fit(splits["train"].labels, cfg.data.min_label_count, label_names(cfg, splits))
+
+
+def load_or_train_tokenizer(cfg: RunConfig, train_texts: list[str]):
+    """init_from's tokenizer, a Hub/local one, or (scratch) one trained on ``train_texts``."""
     if cfg.model.init_from:
         return models.load_tokenizer(cfg.model.init_from, cfg.model.trust_remote_code)
     if not cfg.model.is_scratch:
         return models.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    return models.train_scratch_tokenizer(train_texts, cfg.model.name.split(":", 1)[1], cfg.data.max_length)
+
+
+def build_model(phase: str, cfg: RunConfig, tokenizer, label_space: LabelSpace | None):
+    """The phase's model, initialised from cfg.train.seed (the same weights on every rank)."""
+    if phase == "mlm":
+        return models.build_mlm_model(cfg.model, tokenizer, cfg.train.seed)
+    return models.build_classifier(cfg.model, tokenizer, label_space.cuis, cfg.train.seed)
+
+
+def prepare_tokenizer(cfg: RunConfig, accelerator, run_dir: Path, train_texts: list[str]):
+    """load_or_train_tokenizer, with a scratch tokenizer trained by the main process only and
+    shared with the other ranks through the run directory."""
+    if cfg.model.init_from or not cfg.model.is_scratch:
+        return load_or_train_tokenizer(cfg, train_texts)
     tok_dir = run_dir / "tokenizer"
     if accelerator.is_main_process and not (tok_dir / "tokenizer.json").is_file():
-        tokenizer = models.train_scratch_tokenizer(train_texts, cfg.model.name.split(":", 1)[1], cfg.data.max_length)
+        tokenizer = load_or_train_tokenizer(cfg, train_texts)
         tmp = run_dir / "tokenizer.tmp"
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, tok_dir)
@@ -193,11 +215,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         micro_batch=cfg.train.batch_size, max_grad_norm=cfg.train.max_grad_norm,
     )
     setup_logging(accelerator.is_main_process)
-    if torch.cuda.is_available():
-        # cuDNN's SDPA builds a new plan for every new sequence length (measured: 805 vs 314
-        # captions/s on an H100 with length-bucketed batches); the flash/efficient kernels do not.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    configure_cuda()
     run_dir = Path(cfg.output_dir)
     check_run_dir(cfg, phase, accelerator.num_processes)
     if accelerator.is_main_process:
@@ -208,20 +226,17 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     splits = load_splits(cfg.data, need_labels=phase == "classify")
     label_space = None
     if phase == "classify":
-        label_space = LabelSpace.fit(splits["train"].labels, cfg.data.min_label_count, label_names(cfg, splits))
+        label_space = fit_label_space(cfg, splits)
     tokenizer = prepare_tokenizer(cfg, accelerator, run_dir, splits["train"].texts)
     if accelerator.is_main_process:
-        _atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
         if label_space is not None:
             label_space.save(run_dir / LABELS_FILE)
     with accelerator.main_process_first():  # rank 0 fills the token cache, the others read it
         train = tokenize_split(tokenizer, splits["train"], cfg, label_space, "train")
         validation = tokenize_split(tokenizer, splits["validation"], cfg, label_space, "validation")
 
-    if phase == "mlm":
-        model = models.build_mlm_model(cfg.model, tokenizer, cfg.train.seed)
-    else:
-        model = models.build_classifier(cfg.model, tokenizer, label_space.cuis, cfg.train.seed)
+    model = build_model(phase, cfg, tokenizer, label_space)
     task = build_task(phase, cfg, tokenizer, label_space, n_train=len(splits["train"]))
 
     from radtrain.tracking import make_tracker
@@ -311,7 +326,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         summary["test"] = evaluate_export(run_dir / "best", test, accelerator, cfg)
     if accelerator.is_main_process:
         _add_tuned_validation(summary, run_dir / "best")
-        _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
+        write_json(run_dir / "summary.json", summary)
         _report_run(run_dir, phase, state)
         if summary["test"]:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in summary["test"].items())

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from radtrain.io import write_json
 
 PLOTS_DIR = "plots"
 PER_LABEL_FILE = "per_label_validation.json"
@@ -104,9 +105,7 @@ def save_per_label(
         "f1": [round(float(v), 5) for v in f1_fixed],
         "f1_tuned": None if f1_tuned is None else [round(float(v), 5) for v in f1_tuned],
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_json(path, data, indent=None)
 
 
 def _figure():

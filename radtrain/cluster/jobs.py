@@ -18,6 +18,7 @@ from submitit.helpers import Checkpointable
 
 from radtrain.cluster.jobfile import EVENTS_FILE, SELECTION_FILE
 from radtrain.config import config_from_dict
+from radtrain.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +269,7 @@ class SelectJob(Checkpointable):
             "published": published,
             "repo_id": self.hub.get("repo_id"),
         }
-        text = json.dumps(result, indent=1)
-        (root / (SELECTION_FILE + ".tmp")).write_text(text)
-        os.replace(root / (SELECTION_FILE + ".tmp"), root / SELECTION_FILE)
+        write_json(root / SELECTION_FILE, result)
         _record(work, "end", outcome="completed", member=run_dir.name)
         print(
             f"[radtrain] select: wrote {root / SELECTION_FILE}; model in {selected}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from radtrain.data.sources import DataError
+from radtrain.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,7 @@ class LabelSpace:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LabelSpace:

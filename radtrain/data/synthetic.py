@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radtrain.data.cui_names import CUI_NAMES
+from radtrain.io import write_text
 
 __all__ = ["LICENSE", "SURFACE_FORMS", "extract_cuis", "generate_captions", "write_dataset"]
 
@@ -772,17 +773,8 @@ def generate_captions(n: int, seed: int = 0) -> list[dict]:
 DATASET_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "cui_names.json")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    # A per-process temporary name: several ranks (accelerate launch) may write the same,
-    # byte-identical dataset at once; each os.replace swaps in a whole file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    _atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+    write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
 def dataset_complete(out_dir: str | os.PathLike) -> bool:
@@ -824,5 +816,5 @@ def write_dataset(
         _write_jsonl(out / f"{split}.jsonl", recs)
     used = sorted({cui for rec in records for cui in rec["cui"]})
     names = {cui: CUI_NAMES[cui] for cui in used}
-    _atomic_write_text(out / "cui_names.json", json.dumps(names, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / "cui_names.json", json.dumps(names, indent=2, ensure_ascii=False) + "\n")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +90,23 @@ def slurm_cluster() -> None:
             f"sinfo does not respond (rc={res.returncode}): {res.stderr.strip() or 'no partitions'}"
             " -- run slurm/local/start.sh"
         )
+
+
+def train_logs_one_vs_two_processes(tmp_path: Path, phase: str, common: list[str], port: int,
+                                    timeout: int = 600, **env: str) -> dict[str, list[dict]]:
+    """Train ``phase`` with batch 16 on one process and with batch 8 on two (accelerate launch,
+    gloo): the same global batch. Returns each run's train_log.jsonl rows under "one" and "two"."""
+    logs = {}
+    for name, launcher, batch in (
+        ("one", (), "train.batch_size=16"),
+        ("two", ("accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+                 "--main_process_port", str(port), "-m"), "train.batch_size=8"),
+    ):
+        out = tmp_path / name
+        result = subprocess.run(
+            [PYTHON, "-m", *launcher, "radtrain", phase, "--output-dir", str(out), *common, batch],
+            capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    return logs

@@ -17,7 +17,14 @@ from radtrain.metrics import is_better
 from radtrain.models import train_scratch_tokenizer
 from radtrain.tasks import MLMTask
 from radtrain.trainer import _generator, linear_schedule
-from tests.conftest import PYTHON, REPO, TINY, subprocess_env, write_roco_slice
+from tests.conftest import (
+    PYTHON,
+    REPO,
+    TINY,
+    subprocess_env,
+    train_logs_one_vs_two_processes,
+    write_roco_slice,
+)
 
 TIMEOUT = 300
 
@@ -140,19 +147,8 @@ def test_mlm_two_processes_agree_with_one(tmp_path, roco_dir):
     for classification). With per-rank masks they differed by several percent from step 1."""
     common = [f"data.source={roco_dir}", *TINY, "train.lr=1e-3", "train.max_steps=12", "train.log_every_steps=1",
               "train.precision=fp32"]
-    logs = {}
-    for name, launcher, batch in (
-        ("one", (), "train.batch_size=16"),
-        ("two", ("accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
-                 "--main_process_port", "29549", "-m"), "train.batch_size=8"),
-    ):
-        out = tmp_path / name
-        result = subprocess.run(
-            [PYTHON, "-m", *launcher, "radtrain", "mlm", "--output-dir", str(out), *common, batch],
-            capture_output=True, text=True, timeout=TIMEOUT, env=subprocess_env(RADTRAIN_CACHE=str(tmp_path / "c")),
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        logs[name] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    logs = train_logs_one_vs_two_processes(tmp_path, "mlm", common, port=29549, timeout=TIMEOUT,
+                                           RADTRAIN_CACHE=str(tmp_path / "c"))
     assert len(logs["one"]) == len(logs["two"]) == 12
     for a, b in zip(logs["one"], logs["two"], strict=True):
         assert b["step"] == a["step"]

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, TINY, subprocess_env
+from tests.conftest import PYTHON, REPO, TINY, subprocess_env, train_logs_one_vs_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -81,19 +81,7 @@ def test_a_step_with_fewer_captions_than_processes_is_trained_not_dropped(tmp_pa
     and the last step's loss is that one caption's on both."""
     common = [f"data.source={roco_dir}", *TINY, "train.epochs=1", "train.log_every_steps=1",
               "data.max_train_samples=593", "train.precision=fp32"]
-    logs = {}
-    for name, launcher, batch in (
-        ("one", (), "train.batch_size=16"),
-        ("two", ("accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
-                 "--main_process_port", "29551", "-m"), "train.batch_size=8"),
-    ):
-        out = tmp_path / name
-        result = subprocess.run(
-            [PYTHON, "-m", *launcher, "radtrain", "classify", "--output-dir", str(out), *common, batch],
-            capture_output=True, text=True, timeout=600, env=subprocess_env(),
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        logs[name] = rows(out / "train_log.jsonl")
+    logs = train_logs_one_vs_two_processes(tmp_path, "classify", common, port=29551)
     assert len(logs["one"]) == len(logs["two"]) == 38
     for a, b in zip(logs["one"], logs["two"], strict=True):
         assert b["step"] == a["step"]

@@ -46,6 +46,7 @@ class TrainerState:
     tokens_seen: int = 0
     train_time_s: float = 0.0
     history: list[dict] = field(default_factory=list)
+    total_steps: int = 0  # the run's planned optimizer steps (0: written before radtrain recorded it)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainerState:

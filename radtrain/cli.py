@@ -112,11 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in EXTRA_COMMANDS:
         register(sub)
+    if UNAVAILABLE_EXTRAS:
+        parser.epilog = "unavailable here: " + "; ".join(
+            f"{module} (needs {package}: pip install {package})" for module, package in UNAVAILABLE_EXTRAS.items()
+        )
     return parser
 
 
 # Other modules add subcommands here (bench, baseline, submit, push, prefetch) so the CLI stays thin.
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+# Extras whose third-party dependency is not installed (module -> missing package): the other
+# commands still work (a GPU image without submitit still trains and benchmarks).
+UNAVAILABLE_EXTRAS: dict[str, str] = {}
 
 
 def _register_extras() -> None:
@@ -128,7 +135,11 @@ def _register_extras() -> None:
         except ModuleNotFoundError as exc:
             if exc.name == module:
                 continue
-            raise
+            missing = (exc.name or "").split(".")[0]
+            if not missing or missing == "radtrain":
+                raise  # a broken radtrain install is a bug to see, not an extra to skip
+            UNAVAILABLE_EXTRAS[module] = missing
+            continue
         register = getattr(mod, "register_cli", None)
         if register is not None and register not in EXTRA_COMMANDS:
             EXTRA_COMMANDS.append(register)

@@ -167,7 +167,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg)
         scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * self.total_steps), self.total_steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        self.state = TrainerState()
+        self.state = TrainerState(total_steps=self.total_steps)
         self.stop = StopFlag()
         self.stop_requested = False  # a stop signal seen by any rank, agreed at the last step
 
@@ -244,6 +244,16 @@ class Trainer:
                             info.path, type(error).__name__, error)
                 failures.append(f"{info.path.name}: {type(error).__name__}: {error}")
                 continue
+            planned = self.state.total_steps
+            if planned and planned != self.total_steps:
+                raise CheckpointError(
+                    f"{info.path} belongs to a run planned for {planned} optimizer steps; with the same "
+                    f"configuration and data this run plans {self.total_steps} (a radtrain version that "
+                    "plans epochs differently?). Resuming would make the learning-rate schedule jump. Finish "
+                    "the run with the radtrain version that started it, or start a new output_dir with "
+                    "model.init_from=<run>/best."
+                )
+            self.state.total_steps = self.total_steps
             self.ckpt.last_saved_step = info.step
             self._truncate_logs(self.state.global_step)
             log.info(

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROCO = REPO.parent / "shared" / "data" / "roco_v1_radiology.jsonl"
+# The shared real captions beside the checkout; RADTRAIN_ROCO points elsewhere (a lent GPU machine
+# gets the checkout alone, so tests/gpu/bench_gpu.sh passes the copy it carried).
+ROCO = Path(os.environ.get("RADTRAIN_ROCO") or REPO.parent / "shared" / "data" / "roco_v1_radiology.jsonl")
 
 # Fast, learnable settings for a scratch tiny model on a few hundred captions.
 TINY = [

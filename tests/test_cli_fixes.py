@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 
 import pytest
-from conftest import TINY, write_roco_slice
+from conftest import PYTHON, TINY, subprocess_env, write_roco_slice
 
 from radtrain.cli import main
 from radtrain.config import ConfigError, config_from_dict, load_config
@@ -139,3 +140,19 @@ def test_predict_threshold_override_replaces_the_rule(capped_run, capsys):
     assert len(row["cuis"]) == len(labels)  # every label clears 0.0
     assert main(["predict", "--model", best, "--threshold", "1.01", "CT of the chest"]) == 0
     assert json.loads(capsys.readouterr().out.strip())["cuis"] == []  # and no top1 forced in
+
+
+def test_cli_works_without_an_optional_extra_dependency():
+    """A GPU image without submitit (found on the lent H100s) must still train and benchmark:
+    `radtrain bench` works, and the help says which command is unavailable and what to install."""
+    code = (
+        "import sys; sys.modules['submitit'] = None\n"  # makes `import submitit` fail as if absent
+        "from radtrain.cli import main\n"
+        "assert main(['bench', '--help']) == 0\n"
+    )
+    bench = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "--variant" in bench.stdout
+    code = "import sys; sys.modules['submitit'] = None\nfrom radtrain.cli import main\nmain(['--help'])\n"
+    top = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert "unavailable here: radtrain.cluster (needs submitit: pip install submitit)" in top.stdout, top.stderr[-2000:]

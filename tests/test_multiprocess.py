@@ -75,14 +75,19 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, roco_dir):
 
 
 def test_a_step_with_fewer_captions_than_processes_is_trained_not_dropped(tmp_path, roco_dir):
-    """593 captions, global batch 16: the epoch's last step has 1 caption, fewer than the 2
-    processes. One process trains it; two processes used to drop it (37 steps instead of 38, and
-    one caption never seen). Now the empty rank runs a zero-weight filler: same steps, same losses,
-    and the last step's loss is that one caption's on both."""
-    common = [f"data.source={roco_dir}", *TINY, "train.epochs=1", "train.log_every_steps=1",
+    """593 captions, global batch 16: each epoch's last step has 1 caption, fewer than the 2
+    processes. One process trains it; two processes used to drop it (37 steps per epoch instead of
+    38, and one caption never seen). Now the empty rank runs a zero-weight filler: the same steps
+    and losses, and - since epoch 2 and the evaluations come after the first tail step - the same
+    update from it (a filler that leaked into the gradient or the item count would move them)."""
+    common = [f"data.source={roco_dir}", *TINY, "train.epochs=2", "train.log_every_steps=1",
               "data.max_train_samples=593", "train.precision=fp32"]
     logs = train_logs_one_vs_two_processes(tmp_path, "classify", common, port=29551)
-    assert len(logs["one"]) == len(logs["two"]) == 38
+    assert len(logs["one"]) == len(logs["two"]) == 76
     for a, b in zip(logs["one"], logs["two"], strict=True):
         assert b["step"] == a["step"]
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), a["step"]
+    evals = {name: rows(tmp_path / name / "metrics.jsonl") for name in ("one", "two")}
+    assert [r["step"] for r in evals["one"]] == [r["step"] for r in evals["two"]] == [38, 76]
+    for a, b in zip(evals["one"], evals["two"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)

@@ -103,3 +103,43 @@ def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, roco_dir):
     resumed = subprocess.run(cmd, timeout=600, env=subprocess_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
+
+
+def _rewrite_state(checkpoint, edit) -> None:
+    """Edit trainer_state.json and re-seal the manifest (sizes and sha256), as a checkpoint written
+    by another radtrain version would look: valid, but with other contents."""
+    import hashlib
+
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    edit(state)
+    state_file.write_text(json.dumps(state, indent=1))
+    manifest = json.loads((checkpoint / "COMPLETE").read_text())
+    manifest["files"]["trainer_state.json"] = state_file.stat().st_size
+    manifest["sha256"]["trainer_state.json"] = hashlib.sha256(state_file.read_bytes()).hexdigest()
+    (checkpoint / "COMPLETE").write_text(json.dumps(manifest))
+
+
+def test_resume_refuses_a_checkpoint_planned_for_another_step_count(tmp_path, roco_dir):
+    """A checkpoint whose run planned another number of optimizer steps (same config and data: a
+    radtrain version that plans epochs differently) would make the LR schedule jump: exit 2, the
+    checkpoint kept. One written before radtrain recorded the plan (no total_steps) still resumes."""
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "radtrain", "classify", "--output-dir", str(run), f"data.source={roco_dir}", *TINY,
+           "train.max_steps=8", "train.save_every_steps=4"]
+    stopped = subprocess.run(cmd, timeout=600, env=subprocess_env(RADTRAIN_FAULT="step:4:SIGTERM"),
+                             capture_output=True, text=True)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    checkpoint = run / "checkpoints" / "step-00000004"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["total_steps"] == 8
+
+    _rewrite_state(checkpoint, lambda state: state.update(total_steps=9))
+    refused = subprocess.run(cmd, timeout=600, env=subprocess_env(), capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "planned for 9 optimizer steps" in refused.stderr and "this run plans 8" in refused.stderr
+    assert (checkpoint / "COMPLETE").is_file()
+
+    _rewrite_state(checkpoint, lambda state: state.pop("total_steps"))
+    resumed = subprocess.run(cmd, timeout=600, env=subprocess_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr

@@ -12,6 +12,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench-gpu}
+BUDGET=${BUDGET:-440}
+export BUDGET RADTRAIN_GPU_DEADLINE=$(($(date +%s) + BUDGET))  # bench_gpu.sh's steps end by then
 mkdir -p "$OUT"
 SITE=$(mktemp -d /tmp/radtrain-site.XXXXXX)
 
@@ -34,7 +36,9 @@ if ! timeout 60 "$PY" - "$need_cuda" <<'PY' 2>&1 | tee "$OUT/preflight.txt"; the
 import sys
 import torch, yaml, transformers, accelerate  # noqa: F401  (what radtrain needs at import)
 sys.path.insert(0, ".")
-import radtrain.cli  # noqa: F401
+from radtrain.cli import UNAVAILABLE_EXTRAS, main
+assert main(["bench", "--help"]) == 0  # registers the extras: a missing dependency shows here
+print("radtrain CLI ok; unavailable extras:", UNAVAILABLE_EXTRAS or "none")
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)
 try:
     import deepspeed

@@ -12,11 +12,15 @@ for dir in .whl .gpudata; do
 done
 mkdir -p .whl .gpudata
 cp "$SHARED_DATA" .gpudata/
-python -m pip wheel -q --no-deps --no-build-isolation deepspeed -w .whl
+# The versions tested here (deepspeed builds a pure-Python wheel; submitit, for `radtrain submit`,
+# is not on the image either and is pure Python).
+python -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$(python -c 'import importlib.metadata as m; print(m.version("deepspeed"))')" -w .whl
+python -m pip download -q --no-deps -d .whl "submitit==$(python -c 'import importlib.metadata as m; print(m.version("submitit"))')"
+installed() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 python -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  "pydantic==$(python -c 'import pydantic; print(pydantic.VERSION)')" \
-  "pydantic-core==$(python -c 'import pydantic_core; print(pydantic_core.__version__)')" \
-  annotated-types typing-inspection hjson
+  "pydantic==$(installed pydantic)" "pydantic-core==$(installed pydantic-core)" \
+  "annotated-types==$(installed annotated-types)" "typing-inspection==$(installed typing-inspection)" \
+  "hjson==$(installed hjson)"
 ls -la .whl .gpudata
 du -sh .whl .gpudata

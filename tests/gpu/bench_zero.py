@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "train.save_total_limit=1",
         "data.max_length=256",
         "data.pad_to_multiple_of=32",
+        # Packing in every mode, so the modes differ by DeepSpeed alone: under DeepSpeed accelerate
+        # may report no mixed precision (the JSON holds it), and packing=auto would then stay off.
+        "data.packing=on",
         "data.max_eval_samples=512",
         "data.min_label_count=5",
     ]

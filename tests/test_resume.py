@@ -69,6 +69,17 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(tmp_path, roco_dir)
     assert summary_b["test"] == pytest.approx(summary_a["test"], abs=1e-6)
 
 
+def _stopped_at_step_4(run, data) -> tuple[list[str], object]:
+    """An 8-step classify run stopped by SIGTERM at step 4 (checkpoint, exit 75): the command that
+    resumes it and its checkpoint directory."""
+    cmd = [PYTHON, "-m", "radtrain", "classify", "--output-dir", str(run), f"data.source={data}", *TINY,
+           "train.max_steps=8", "train.save_every_steps=4"]
+    stopped = subprocess.run(cmd, timeout=600, env=subprocess_env(RADTRAIN_FAULT="step:4:SIGTERM"),
+                             capture_output=True, text=True)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    return cmd, run / "checkpoints" / "step-00000004"
+
+
 def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, roco_dir):
     """Same config, changed training file (one caption edited): the config fingerprint matches, but
     resuming would continue one schedule on two datasets. Exit 2 with a message that names the data,
@@ -77,13 +88,7 @@ def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, roco_dir):
 
     data = tmp_path / "data"
     shutil.copytree(roco_dir, data)
-    run = tmp_path / "run"
-    cmd = [PYTHON, "-m", "radtrain", "classify", "--output-dir", str(run), f"data.source={data}", *TINY,
-           "train.max_steps=8", "train.save_every_steps=4"]
-    stopped = subprocess.run(cmd, timeout=600, env=subprocess_env(RADTRAIN_FAULT="step:4:SIGTERM"),
-                             capture_output=True, text=True)
-    assert stopped.returncode == 75, stopped.stderr[-3000:]
-    checkpoint = run / "checkpoints" / "step-00000004"
+    cmd, checkpoint = _stopped_at_step_4(tmp_path / "run", data)
     manifest = json.loads((checkpoint / "COMPLETE").read_text())
     assert len(manifest["data_digest"]) == 16
     before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
@@ -124,13 +129,7 @@ def test_resume_refuses_a_checkpoint_planned_for_another_step_count(tmp_path, ro
     """A checkpoint whose run planned another number of optimizer steps (same config and data: a
     radtrain version that plans epochs differently) would make the LR schedule jump: exit 2, the
     checkpoint kept. One written before radtrain recorded the plan (no total_steps) still resumes."""
-    run = tmp_path / "run"
-    cmd = [PYTHON, "-m", "radtrain", "classify", "--output-dir", str(run), f"data.source={roco_dir}", *TINY,
-           "train.max_steps=8", "train.save_every_steps=4"]
-    stopped = subprocess.run(cmd, timeout=600, env=subprocess_env(RADTRAIN_FAULT="step:4:SIGTERM"),
-                             capture_output=True, text=True)
-    assert stopped.returncode == 75, stopped.stderr[-3000:]
-    checkpoint = run / "checkpoints" / "step-00000004"
+    cmd, checkpoint = _stopped_at_step_4(tmp_path / "run", roco_dir)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["total_steps"] == 8
 
     _rewrite_state(checkpoint, lambda state: state.update(total_steps=9))

@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "train.save_total_limit=1",
         "data.max_length=256",
         "data.pad_to_multiple_of=32",
-        # Packing in every mode, so the modes differ by DeepSpeed alone: under DeepSpeed accelerate
-        # may report no mixed precision (the JSON holds it), and packing=auto would then stay off.
+        # Packing asked for explicitly, so the modes differ by DeepSpeed alone. (packing=auto packs under
+        # DeepSpeed too: accelerate reads bf16 from the JSON, which radtrain fills from train.precision;
+        # checked on CPU ZeRO-2: accelerator.mixed_precision == "bf16" on both ranks.)
         "data.packing=on",
         "data.max_eval_samples=512",
         "data.min_label_count=5",

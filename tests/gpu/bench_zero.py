@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -148,16 +149,21 @@ def main(argv: list[str] | None = None) -> int:
             str(Path(__file__).resolve()), "--worker", "--run-dir", str(run_dir), *overrides,
         ]  # fmt: skip
         started = time.perf_counter()
+        # Its own process group: on a timeout the launcher AND its workers go (an orphaned worker
+        # would hold GPU memory through the next mode's measurement).
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-            out = proc.stdout + proc.stderr
+            out, _ = proc.communicate(timeout=args.timeout)
             line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 results["modes"][mode] = {"error": f"rc {proc.returncode}", "tail": out[-3000:]}
             else:
                 results["modes"][mode] = json.loads(line.split(" ", 1)[1])
         except subprocess.TimeoutExpired:
-            results["modes"][mode] = {"error": f"timeout after {args.timeout} s"}
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            results["modes"][mode] = {"error": f"timeout after {args.timeout} s", "tail": (out or "")[-3000:]}
         results["modes"][mode]["launch_s"] = round(time.perf_counter() - started, 1)
         print(mode, json.dumps(results["modes"][mode])[:400], flush=True)
         if args.out:  # after every mode: a lease that ends early still returns what was measured

@@ -306,7 +306,6 @@ def build_trainer(cfg: RunConfig, shared: _Shared, run_dir: Path):
         eval_split=train,
         pad_id=shared.tokenizer.pad_token_id,
         run_dir=run_dir,
-        fingerprint=cfg.fingerprint(shared.phase),
         on_best=lambda *a: None,
     )
     return trainer, model
@@ -551,9 +550,10 @@ def run_bench(
         for row in rows
     ]
     base = next((r for r in out if r["preset"] == "seed"), None)
+    env = environment()  # one process, one environment: the same for every row
     for r in out:
         r["speedup_vs_seed"] = r["captions_per_s"] / base["captions_per_s"] if base else None
-        r["environment"] = environment()
+        r["environment"] = env
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)

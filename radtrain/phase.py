@@ -291,7 +291,6 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         eval_split=validation,
         pad_id=tokenizer.pad_token_id,
         run_dir=run_dir,
-        fingerprint=cfg.fingerprint(phase),
         on_best=on_best,
         tracker=tracker,
     )

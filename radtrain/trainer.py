@@ -127,7 +127,6 @@ class Trainer:
         eval_split: TokenizedSplit,
         pad_id: int,
         run_dir: Path,
-        fingerprint: str,
         on_best: Callable[[object, TrainerState, dict], None],
         tracker=None,
     ) -> None:
@@ -151,7 +150,7 @@ class Trainer:
             raise DataError("the training split has no captions; check data.source and data.max_train_samples")
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.ckpt = CheckpointManager(
-            self.run_dir, fingerprint, self.world, cfg.train.save_total_limit, data_digest=train_split.digest()
+            self.run_dir, cfg.fingerprint(task.name), self.world, cfg.train.save_total_limit, data_digest=train_split.digest()
         )
         # Padding-free training micro-batches where a varlen attention kernel makes it pay (see
         # radtrain/packing.py); evaluation always pads. Decided before prepare() wraps the model.

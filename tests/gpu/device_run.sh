@@ -36,8 +36,10 @@ if ! timeout 60 "$PY" - "$need_cuda" <<'PY' 2>&1 | tee "$OUT/preflight.txt"; the
 import sys
 import torch, yaml, transformers, accelerate  # noqa: F401  (what radtrain needs at import)
 sys.path.insert(0, ".")
+import contextlib, io
 from radtrain.cli import UNAVAILABLE_EXTRAS, main
-assert main(["bench", "--help"]) == 0  # registers the extras: a missing dependency shows here
+with contextlib.redirect_stdout(io.StringIO()):  # the help text itself is noise here
+    assert main(["bench", "--help"]) == 0  # registers the extras: a missing dependency shows here
 print("radtrain CLI ok; unavailable extras:", UNAVAILABLE_EXTRAS or "none")
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)
 try:

@@ -12,9 +12,9 @@
 #   maths      the CUDA test: packed batches through the varlen kernel = the padded batch (bf16)
 #   cls_base   `radtrain bench`, ModernBERT-base shape: seed, fast, batch 128/512/1024 packed, 512 padded
 #   mlm_base   the MLM phase (real tokens/s)
-#   profile    where the time of a batch-512 step goes (GPU busy vs idle, top kernels)
 #   cls_large  the same for the ModernBERT-large shape (seed, fast, batch 256/512)
 #   zero       plain vs ZeRO-2 vs ZeRO-3, ModernBERT-large shape, through `accelerate launch`
+#   profile    where the time of a batch-512 step goes (GPU busy vs idle, top kernels)
 #   compile    torch.compile on the batch-512 packed configuration vs eager, same run
 # Everything lands in $OUT/results.tar (one JSON and one log per step, appended as each step ends)
 # and $OUT/steps.txt; the tables are printed last.
@@ -90,12 +90,12 @@ step cls_base 150 bench cls_base --model "$BASE" --steps "$STEPS" --warmup 5 --r
   --variant b512_padded:train.batch_size=512,data.packing=off --variant b1024:train.batch_size=1024
 step mlm_base 120 bench mlm_base --task mlm --model "$BASE" --steps "$STEPS" --warmup 5 --rounds 3 \
   --presets seed,fast --variant b512:train.batch_size=512
-step profile 90 "$PY" tests/gpu/profile_step.py --data "$DATA" --model "$BASE" --warmup 5 --steps 5 \
-  train.batch_size=512 data.min_label_count=10
 step cls_large 150 bench cls_large --model "$LARGE" --steps $((STEPS * 2 / 3 > 2 ? STEPS * 2 / 3 : 2)) --warmup 4 --rounds 2 \
   --presets seed,fast --variant b256:train.batch_size=256 --variant b512:train.batch_size=512
 step zero 260 "$PY" tests/gpu/bench_zero.py --data "$DATA" --steps 30 --timeout 110 --work "$WORK/zero" \
   --out "$WORK/zero.json"
+step profile 90 "$PY" tests/gpu/profile_step.py --data "$DATA" --model "$BASE" --warmup 5 --steps 5 \
+  train.batch_size=512 data.min_label_count=10
 step compile 180 bench compile --model "$BASE" --steps "$STEPS" --warmup 8 --presets "" \
   --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true
 

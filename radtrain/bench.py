@@ -61,6 +61,7 @@ SEED_RECIPE: dict[str, Any] = {
     "data.pad_to_multiple_of": 1,
     "data.bucket_by_length": False,
     "data.packing": "off",
+    "data.packed_attention": "auto",
     "train.batch_size": 8,
     "train.grad_accum": 1,
     "train.precision": "fp32",
@@ -220,20 +221,33 @@ class FlopCounter:
 
 @dataclass
 class Row:
+    """One preset's results. A preset that ran out of memory has ``error`` set and no figures."""
+
     preset: str
     steps: int
-    captions_per_s: float
-    real_tokens_per_s: float
-    padding_fraction: float
-    peak_memory_bytes: int
+    captions_per_s: float | None
+    real_tokens_per_s: float | None
+    padding_fraction: float | None
+    peak_memory_bytes: int | None
     memory_method: str
     warmup_s: float
     warmup_steps: int
-    step_ms: float
+    step_ms: float | None
     mfu: float | None
     model_tflops_per_s: float | None
     settings: dict[str, Any] = field(default_factory=dict)
     final_loss: float | None = None
+    error: str | None = None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The allocator refused a tensor: CUDA's OutOfMemoryError, or the CPU allocator's failure
+    (a plain RuntimeError in torch) and Python's MemoryError."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 # -- one preset -----------------------------------------------------------------------------------
@@ -359,10 +373,12 @@ class PresetRun:
 
         configure_cuda()
         self.name, self.cfg = name, cfg
-        self.trainer, _ = build_trainer(cfg, shared, workdir / name)
+        self.trainer, model = build_trainer(cfg, shared, workdir / name)
         self._snapshot = _accelerate_state()
         self.device = self.trainer.acc.device
         self.flops = FlopCounter.for_model(self.trainer.acc.unwrap_model(self.trainer.model), shared.phase)
+        self.settings = self._settings(getattr(model.config, "_attn_implementation", None))
+        self.error: str | None = None
         self.groups = _step_groups(self.trainer)
         self.record: dict[str, Any] = {"computed": 0, "lengths": []}
         self.elapsed = self.warmup_s = self.total_flops = 0.0
@@ -375,6 +391,48 @@ class PresetRun:
         """accelerate's state is process-global (Borg dicts); give it back this preset's values
         (precision, gradient accumulation) before running its steps."""
         _restore_accelerate_state(self._snapshot)
+
+    def _settings(self, attn_implementation: str | None) -> dict[str, Any]:
+        data, train = self.cfg.data, self.cfg.train
+        return {
+            "padding": data.padding,
+            "max_length": data.max_length,
+            "pad_to_multiple_of": data.pad_to_multiple_of,
+            "bucket_by_length": data.bucket_by_length,
+            "packing": data.packing,
+            "packed": bool(self.trainer.packing),
+            "packed_attention": data.packed_attention,
+            "batch_size": train.batch_size,
+            "grad_accum": train.grad_accum,
+            "precision": train.precision,
+            "compile": train.compile,
+            "attn_implementation": attn_implementation,
+        }
+
+    def attempt(self, method: str, n: int) -> None:
+        """``warm`` or ``run`` n steps, unless this preset already failed. A preset that runs out of
+        memory is recorded as failed and releases what it holds, so the others still run."""
+        if self.error is not None:
+            return
+        try:
+            getattr(self, method)(n)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.error = f"out of memory after {self.warmup_steps + self.steps} steps: {str(exc).splitlines()[0][:300]}"
+        if self.error is not None:  # outside the except block: its traceback holds the step's tensors
+            self._release()
+
+    def _release(self) -> None:
+        import torch
+
+        log.warning("bench preset %s: %s", self.name, self.error)
+        self.trainer._bench_record = None
+        self.trainer.acc.free_memory()  # drops accelerate's references to the model and optimizer
+        self.trainer = self.groups = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def warm(self, n: int) -> None:
         self._activate()
@@ -408,7 +466,13 @@ class PresetRun:
         self.memory_method = meter.method
 
     def row(self) -> Row:
-        data, train = self.cfg.data, self.cfg.train
+        if self.error is not None:
+            return Row(
+                preset=self.name, steps=self.steps, captions_per_s=None, real_tokens_per_s=None,
+                padding_fraction=None, peak_memory_bytes=None, memory_method="", warmup_s=self.warmup_s,
+                warmup_steps=self.warmup_steps, step_ms=None, mfu=None, model_tflops_per_s=None,
+                settings=self.settings, error=self.error,
+            )
         lengths = np.concatenate(self.record["lengths"]) if self.record["lengths"] else np.zeros(0)
         elapsed = max(self.elapsed, 1e-9)
         peak_rate = peak_flops(self.device)
@@ -427,19 +491,7 @@ class PresetRun:
             step_ms=1000.0 * elapsed / max(self.steps, 1),
             mfu=achieved / peak_rate if peak_rate else None,
             model_tflops_per_s=achieved / 1e12 if self.device.type == "cuda" else None,
-            settings={
-                "padding": data.padding,
-                "max_length": data.max_length,
-                "pad_to_multiple_of": data.pad_to_multiple_of,
-                "bucket_by_length": data.bucket_by_length,
-                "packing": data.packing,
-                "packed": bool(self.trainer.packing),
-                "batch_size": train.batch_size,
-                "grad_accum": train.grad_accum,
-                "precision": train.precision,
-                "compile": train.compile,
-                "attn_implementation": getattr(model.config, "_attn_implementation", None),
-            },
+            settings=self.settings,
             final_loss=float(np.mean(self.losses[-max(1, self.steps // 5):])) if self.losses else None,
         )
 
@@ -480,6 +532,9 @@ def format_table(rows: list[Row]) -> str:
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        if r.error is not None:
+            lines.append(f"{r.preset:<{width}} {'out of memory' if 'out of memory' in r.error else 'failed':>11}")
+            continue
         speedup = f"{r.captions_per_s / base.captions_per_s:.2f}" if base and base.captions_per_s else "-"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         lines.append(
@@ -537,14 +592,17 @@ def run_bench(
         shared = _Shared(first, phase, workdir)
         runs = [PresetRun(name, configs[name], shared, workdir) for name in presets]
         for run in runs:
-            run.warm(warmup)
+            run.attempt("warm", warmup)
         for r in range(rounds):
             for run in runs:
-                run.run(steps // rounds + (1 if r < steps % rounds else 0))
+                run.attempt("run", steps // rounds + (1 if r < steps % rounds else 0))
         rows = [run.row() for run in runs]
         del runs
         gc.collect()
     print(format_table(rows), flush=True)
+    for row in rows:
+        if row.error is not None:
+            print(f"{row.preset}: {row.error}", flush=True)
     out = [
         {**row.__dict__, "task": phase, "model": configs[row.preset].model.name, "data": configs[row.preset].data.source}
         for row in rows
@@ -552,7 +610,8 @@ def run_bench(
     base = next((r for r in out if r["preset"] == "seed"), None)
     env = environment()  # one process, one environment: the same for every row
     for r in out:
-        r["speedup_vs_seed"] = r["captions_per_s"] / base["captions_per_s"] if base else None
+        measured = base and base["captions_per_s"] and r["captions_per_s"] is not None
+        r["speedup_vs_seed"] = r["captions_per_s"] / base["captions_per_s"] if measured else None
         r["environment"] = env
     if json_path:
         path = Path(json_path)

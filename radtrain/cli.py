@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from radtrain.checkpoint import CheckpointError
     from radtrain.data.sources import DataError
     from radtrain.hub import PushError
-    from radtrain.trainer import EXIT_RESUME, NonFiniteLossError, ResumeRequested
+    from radtrain.trainer import EXIT_RESUME, NonFiniteLossError, OutOfMemoryError, ResumeRequested
 
     try:
         return args.func(args)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeRequested as exc:
         print(f"radtrain: {exc}; run the same command again to resume", file=sys.stderr)
         return EXIT_RESUME
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, OutOfMemoryError) as exc:
         print(f"radtrain: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except PushError as exc:

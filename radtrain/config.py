@@ -58,6 +58,12 @@ class DataConfig:
     per caption (varlen kernels), classifier pooling per caption. Same captions per batch, same
     loss. 'auto' packs where a varlen attention kernel runs (CUDA with flash-attn or PyTorch's
     varlen attention), 'on' everywhere (CPU: an exact but not faster fallback), 'off' pads."""
+    packed_attention: str = "auto"
+    """How the captions of a packed row attend (same result either way): 'varlen' runs one varlen
+    flash kernel over the row (flash-attn or PyTorch's own; CUDA, half precision); 'blocks'
+    scatters the captions into a (captions x longest) block for SDPA and gathers them back (any
+    device; little padding when length buckets are on); 'auto' is varlen where a kernel exists,
+    else blocks. Only the attention differs: projections and MLPs run on real tokens either way."""
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     cache_dir: str | None = None
@@ -74,6 +80,10 @@ class DataConfig:
         if isinstance(self.packing, bool):  # YAML reads on/off as booleans
             self.packing = "on" if self.packing else "off"
         _check(self.packing in ("auto", "on", "off"), f"data.packing must be auto, on or off, got {self.packing!r}")
+        _check(
+            self.packed_attention in ("auto", "varlen", "blocks"),
+            f"data.packed_attention must be auto, varlen or blocks, got {self.packed_attention!r}",
+        )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"data.{name} must be positive or null")
@@ -258,6 +268,7 @@ RESUME_SAFE_KEYS = (
     "train.save_every_steps",
     "train.compile",
     "data.packing",  # packed and padded batches compute the same loss (tests/test_bench.py)
+    "data.packed_attention",  # so do both attentions of packed batches (tests/test_bench.py)
     "data.cache_dir",
 )
 

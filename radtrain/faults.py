@@ -9,6 +9,7 @@ each of them and this module acts when the environment asks for it.
 ``RADTRAIN_FAULT`` is a comma-separated list of ``POINT:WHEN[:ACTION]``:
 
 - POINT: ``step`` (after the backward passes of an optimizer step, before the update),
+  ``forward`` (before each micro-batch's forward pass in training),
   ``eval`` (after an evaluation's forward passes, before its metrics row is written),
   ``checkpoint-write`` (tensors and trainer_state.json written, manifest not yet),
   ``export`` (new ``best.tmp`` complete, old ``best/`` moved to ``best.old``, not yet swapped),
@@ -18,11 +19,13 @@ each of them and this module acts when the environment asks for it.
   means the same step; for the other points it counts the hits in this process (1 = the first).
 - ACTION: ``kill`` (default: SIGKILL this process, nothing flushed or cleaned up, as an OOM
   killer or a node failure would), ``enospc`` (raise ``OSError(ENOSPC)``, as a full disk does),
-  or a signal name ``SIGTERM|SIGINT|SIGUSR1|SIGUSR2`` (sent to this process: the real handler
-  runs, as for a scheduler's preemption notice).
+  ``oom`` (raise ``torch.OutOfMemoryError``, what the CUDA allocator raises when a batch does not
+  fit), or a signal name ``SIGTERM|SIGINT|SIGUSR1|SIGUSR2`` (sent to this process: the real
+  handler runs, as for a scheduler's preemption notice).
 
 Examples: ``RADTRAIN_FAULT=checkpoint-write:2``, ``RADTRAIN_FAULT=step:7``,
-``RADTRAIN_FAULT=nan:5-6``, ``RADTRAIN_FAULT=step:6:SIGUSR2,export:1:enospc``.
+``RADTRAIN_FAULT=nan:5-6``, ``RADTRAIN_FAULT=step:6:SIGUSR2,export:1:enospc``,
+``RADTRAIN_FAULT=forward:2:oom``.
 
 Cost when unset: one dictionary lookup per call (a few calls per optimizer step).
 """
@@ -37,8 +40,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 ENV = "RADTRAIN_FAULT"
-POINTS = ("step", "eval", "checkpoint-write", "export", "nan")
-ACTIONS = ("kill", "enospc", "SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+POINTS = ("step", "forward", "eval", "checkpoint-write", "export", "nan")
+ACTIONS = ("kill", "enospc", "oom", "SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 # Points whose WHEN is an optimizer step number rather than a count of hits in this process.
 STEP_NUMBERED = ("step", "nan")
 
@@ -93,9 +96,10 @@ def hit(point: str, step: int | None = None) -> None:
         return
     if point in STEP_NUMBERED:
         number = int(step or 0)
-    else:
-        _hits[point] += 1
-        number = _hits[point]
+    else:  # counted per RADTRAIN_FAULT value: a new value starts from 1
+        key = f"{os.environ[ENV]}|{point}"
+        _hits[key] += 1
+        number = _hits[key]
     for fault in faults:
         if fault.covers(number):
             _act(fault, number)
@@ -114,5 +118,9 @@ def _act(fault: Fault, number: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault.action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV} at {fault.point} #{number})")
+    elif fault.action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"out of memory (injected by {ENV} at {fault.point} #{number})")
     else:
         os.kill(os.getpid(), getattr(signal, fault.action))

@@ -9,9 +9,12 @@ know where captions start:
   ``cu_seq_lens_q/k`` and ``max_length_q/k`` and calls flash-attn's varlen kernel.
 - CUDA without flash-attn (many clusters): the ``radtrain_varlen`` attention below calls
   PyTorch's own varlen flash kernel (``torch.nn.attention.varlen``), same windows as ModernBERT.
-- CPU (tests; ``data.packing=on``): the same function scatters each caption into a padded
-  (captions x longest) block for SDPA and gathers the real rows back. Exact, but attention then
-  costs what a padded batch costs; only the projections and MLPs skip padding.
+- ``data.packed_attention=blocks``, and on the CPU (tests; ``data.packing=on``): the same
+  function scatters each caption into a padded (captions x longest) block for SDPA and gathers the
+  real rows back. Exact; attention then costs what a padded batch costs (little, with length
+  buckets), while the projections and MLPs still skip padding. On an H100 the varlen kernel's
+  backward took 19% of a base step's GPU time for ROCO-length captions (docs/benchmarks.md),
+  which is why this path is offered on CUDA too.
 
 ``radtrain_varlen`` is plain SDPA for padded batches (evaluation always pads), so a model set to
 it computes exactly what the default ``sdpa`` model computes. The attention choice is a runtime
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ATTN_NAME = "radtrain_varlen"
 PACKED_KEY = "cu_seqlens"
+BLOCKS_FLAG = "_radtrain_blocks"  # set on attention modules by enable(attention="blocks")
+ATTENTIONS = ("auto", "varlen", "blocks")
 # ModernBertModel skips building masks when given one per layer type; packed attention needs none.
 _NO_MASKS = {"full_attention": None, "sliding_attention": None}
 
@@ -84,7 +89,9 @@ def _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_w
 
     keys = torch.arange(max_len, device=query.device)
     mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # (n, 1, 1, max_len)
-    if sliding_window is not None and max_len > sliding_window:
+    # Applied whatever the batch's longest caption (a no-op when all are shorter than the window):
+    # a test on max_len would make torch.compile guard on it and compile a second graph.
+    if sliding_window is not None:
         # transformers' bidirectional window for sdpa: |q - k| <= config.sliding_window, and
         # ModernBertAttention stores config.sliding_window + 1 for flash's inclusive bounds.
         near = (keys[:, None] - keys[None, :]).abs() <= sliding_window - 1
@@ -104,11 +111,12 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     max_len = int(kwargs["max_length_q"])
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and torch_varlen_kernel():
+    kernel = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and torch_varlen_kernel()
+    if kernel and not getattr(module, BLOCKS_FLAG, False):
         from torch.nn.attention.varlen import varlen_attn
 
         window = (-1, -1)
-        if sliding_window is not None and max_len > sliding_window:
+        if sliding_window is not None:  # unconditionally, as above (compile guards)
             window = (sliding_window - 1, sliding_window - 1)  # as transformers passes flash-attn
         out = varlen_attn(
             query[0].transpose(0, 1).contiguous(),  # (T, heads, head_dim)
@@ -177,11 +185,12 @@ def supports_packing(model) -> bool:
     return _encoder(model) is not None
 
 
-def enable(model, attn_implementation: str | None, mixed_precision: str = "no") -> str:
+def enable(model, attn_implementation: str | None, mixed_precision: str = "no", attention: str = "auto") -> str:
     """Install the packing hooks and the attention that reads ``cu_seq_lens``; returns its name.
 
     ``attn_implementation`` is the user's model.attn_implementation (None: choose: flash-attn
-    where installed and the step runs in half precision, which its kernels need)."""
+    where installed and the step runs in half precision, which its kernels need); ``attention``
+    is data.packed_attention."""
     encoder = _encoder(model)
     if encoder is None:
         raise ConfigError(
@@ -192,12 +201,28 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no") 
             f"data.packing=on cannot run with model.attn_implementation={attn_implementation!r} (it would let "
             "packed captions attend to each other); unset it, use flash_attention_2, or data.packing=off"
         )
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"data.packed_attention must be one of {ATTENTIONS}, got {attention!r}")
+    if attention == "blocks" and attn_implementation == "flash_attention_2":
+        raise ConfigError(
+            "data.packed_attention=blocks runs SDPA on caption blocks; it cannot use "
+            "model.attn_implementation=flash_attention_2 (unset it, or use data.packed_attention=varlen)"
+        )
+    half = mixed_precision in ("bf16", "fp16")
+    if attention == "varlen" and not (torch.cuda.is_available() and half and (flash_attn_installed() or torch_varlen_kernel())):
+        raise ConfigError(
+            "data.packed_attention=varlen needs a varlen flash kernel: CUDA, train.precision bf16, and flash-attn or "
+            "torch >= 2.10; none is here. Use data.packed_attention=auto (or blocks)"
+        )
     name = attn_implementation
     if name is None:
-        half = mixed_precision in ("bf16", "fp16")
-        name = "flash_attention_2" if torch.cuda.is_available() and half and flash_attn_installed() else ATTN_NAME
+        flash = torch.cuda.is_available() and half and flash_attn_installed() and attention != "blocks"
+        name = "flash_attention_2" if flash else ATTN_NAME
     if name == ATTN_NAME:
         register()
+    for module in encoder.modules():  # the attention function reads the choice from its module
+        if type(module).__name__ == "ModernBertAttention":
+            setattr(module, BLOCKS_FLAG, attention == "blocks")
     if getattr(model.config, "_attn_implementation", None) != name:
         model.set_attn_implementation(name)
     if not getattr(encoder, "_radtrain_packing", False):

@@ -42,6 +42,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class OutOfMemoryError(RuntimeError):
+    """A training step did not fit in memory; the message says which step and what to change."""
+
+
 def _generator(*seed_parts: int) -> torch.Generator:
     seed = int(np.random.SeedSequence([abs(int(p)) for p in seed_parts]).generate_state(1)[0])
     return torch.Generator().manual_seed(seed)
@@ -158,11 +162,14 @@ class Trainer:
             cfg.data.packing, model, accelerator.device, accelerator.mixed_precision, cfg.model.attn_implementation
         )
         if self.packing:
-            packing.enable(model, cfg.model.attn_implementation, accelerator.mixed_precision)
+            packing.enable(model, cfg.model.attn_implementation, accelerator.mixed_precision, cfg.data.packed_attention)
         if cfg.train.compile:
             # In place (nn.Module.compile): state_dict keys, checkpoints and exports are unchanged.
-            # Shapes: the first one is compiled static, later ones share one dynamic graph.
-            model.compile()
+            # Padded batches: the first shape is compiled static, later ones share one dynamic graph.
+            # Packed batches change length at every step, so a static first graph is always thrown
+            # away: compile the dynamic one at once (one compile instead of two; on an H100 the two
+            # did not finish within 165 s for the base shape).
+            model.compile(dynamic=True if self.packing else None)
         optimizer = build_optimizer(model, cfg)
         scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * self.total_steps), self.total_steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -337,7 +344,10 @@ class Trainer:
             while st.epoch == epoch and st.steps_in_epoch < len(steps) and st.global_step < self.total_steps:
                 micro = steps[st.steps_in_epoch]
                 t0 = time.perf_counter()
-                loss_sum, items = self._step(st.epoch, st.steps_in_epoch, micro)
+                try:
+                    loss_sum, items = self._step(st.epoch, st.steps_in_epoch, micro)
+                except torch.OutOfMemoryError as exc:
+                    raise OutOfMemoryError(self._out_of_memory_message(micro)) from exc
                 st.steps_in_epoch += 1
                 st.train_time_s += time.perf_counter() - t0
                 for batch in micro:
@@ -408,6 +418,7 @@ class Trainer:
             self.acc.sync_gradients = last
             context = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with context:
+                faults.hit("forward")  # test hook (an out-of-memory forward pass)
                 loss_sum = faults.poison_loss(self.task.loss_sum(self.model, batch), st.global_step + 1)
                 if fillers[j]:
                     loss_sum = loss_sum * 0.0
@@ -451,6 +462,22 @@ class Trainer:
         # Per-rank averages as floats: their ratio is the step's mean loss. (An integer division of
         # the items skewed the logged loss by up to 1/items, 2.6% on a tiny MLM step.)
         return loss_total / self.world, global_items / self.world
+
+    def _out_of_memory_message(self, micro: list[np.ndarray]) -> str:
+        cfg, st = self.cfg, self.state
+        captions = max(len(rank_slice(b, self.rank, self.world)) for b in micro)
+        tokens = max(int(self.lengths[rank_slice(b, self.rank, self.world)].sum()) for b in micro)
+        saved = self.ckpt.complete_checkpoints()
+        kept = f"the checkpoint of step {saved[0].step} in {self.ckpt.root} is kept" if saved else "no checkpoint was written yet"
+        return (
+            f"out of memory on {self.acc.device} in optimizer step {st.global_step + 1} (largest micro-batch "
+            f"on this process: {captions} captions, {tokens} real tokens, "
+            f"{'packed' if self.packing else f'padded to a multiple of {cfg.data.pad_to_multiple_of}'}). "
+            f"train.batch_size={cfg.train.batch_size} per process does not fit: halve train.batch_size and double "
+            f"train.grad_accum (same global batch, same results), lower data.max_length, or use a DeepSpeed ZeRO "
+            f"config (accelerate_configs/). Those settings change the run's plan, so start it in a new "
+            f"output_dir; {kept}."
+        )
 
     def _log_train(self, loss: float) -> None:
         st = self.state
@@ -518,4 +545,4 @@ def evaluate_split(
     return task.finish_eval(gathered), gathered
 
 
-__all__ = ["Trainer", "ResumeRequested", "NonFiniteLossError", "EXIT_RESUME", "evaluate_split"]
+__all__ = ["Trainer", "ResumeRequested", "NonFiniteLossError", "OutOfMemoryError", "EXIT_RESUME", "evaluate_split"]

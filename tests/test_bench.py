@@ -60,6 +60,28 @@ def test_bench_cli_writes_rows(captions, tmp_path, capsys):
     assert "captions/s" in capsys.readouterr().out
 
 
+def test_a_preset_that_runs_out_of_memory_is_reported_and_the_others_still_run(captions, tmp_path, capsys, monkeypatch):
+    # The second forward pass of the process is the 'big' variant's warm-up step (seed warms
+    # first, one micro-batch per step); it raises what the CUDA allocator raises. One preset that
+    # does not fit must not cost the rows of the others (a lease once lost a whole table to it).
+    monkeypatch.setenv("RADTRAIN_FAULT", "forward:2:oom")
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--data", str(captions), "--model", "scratch:tiny", "--presets", "seed",
+        "--variant", "big:train.batch_size=32", "--variant", "small:train.batch_size=4",
+        "--steps", "2", "--warmup", "1", "--json", str(out), "data.min_label_count=3",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ])
+    assert code == 0
+    seed, big, small = json.loads(out.read_text())
+    assert big["error"].startswith("out of memory after 0 steps") and big["captions_per_s"] is None
+    assert big["settings"]["batch_size"] == 32 and big["steps"] == 0
+    for row in (seed, small):
+        assert row["error"] is None and row["steps"] == 2 and row["captions_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "big" in printed and "out of memory" in printed
+
+
 def test_bench_variants_are_named_presets_on_the_user_config(captions, tmp_path):
     """--variant NAME:k=v,... adds a preset: the user's configuration plus its own overrides."""
     out = tmp_path / "bench.json"
@@ -158,6 +180,7 @@ def test_fast_path_computes_the_seed_loss(captions, tmp_path):
         "fast": FAST_FP32,
         "packed": ("user", ["data.packing=on", "train.precision=fp32"]),
         "packed_mean": ("user", ["data.packing=on", "train.precision=fp32", "model.classifier_pooling=mean"]),
+        "packed_blocks": ("user", ["data.packing=on", "data.packed_attention=blocks", "train.precision=fp32"]),
         "seed_mean": ("seed", ["model.classifier_pooling=mean"]),
     })
     assert not trainers["seed"].packing and trainers["packed"].packing
@@ -169,7 +192,9 @@ def test_fast_path_computes_the_seed_loss(captions, tmp_path):
         assert seed["width"] == (8, 256)  # the series' shape
         assert results["fast"]["width"] == (8, -(-int(split.lengths[picks].max()) // 8) * 8)
         assert results["packed"]["width"] == (1, int(split.lengths[picks].sum()))
-        for name, reference in (("fast", "seed"), ("packed", "seed"), ("packed_mean", "seed_mean")):
+        for name, reference in (
+            ("fast", "seed"), ("packed", "seed"), ("packed_blocks", "seed"), ("packed_mean", "seed_mean")
+        ):
             got, ref = results[name], results[reference]
             assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), name
             torch.testing.assert_close(got["per_caption"], ref["per_caption"], rtol=1e-5, atol=1e-5)
@@ -206,11 +231,44 @@ def test_packed_mlm_matches_padded(captions, tmp_path):
     assert float((packed["grad"] - padded["grad"]).norm() / padded["grad"].norm()) < 1e-5
 
 
+def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path):
+    """train.compile=true on packed batches: the same maths as eager, and one dynamic graph for
+    batches of other lengths and caption counts (a static first graph would be recompiled at the
+    next step's length). On the CPU the block attention guards on the longest caption against the
+    local window, so both batches here have captions longer than it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    packed = ["data.packing=on", "train.precision=fp32"]
+    trainers, _ = _runs(
+        captions, tmp_path, "classify",
+        {"eager": ("user", packed), "compiled": ("user", [*packed, "train.compile=true"])},
+    )
+    split = trainers["eager"].train_split
+    order = np.argsort(split.lengths, kind="stable")
+    other = np.concatenate([order[-6:-4], order[:3], order[len(order) // 3 : len(order) // 3 + 5]])  # 10 captions
+    for picks in (_mixed_batch(split), other):
+        eager, compiled = (_forward_backward(trainers[n], picks) for n in ("eager", "compiled"))
+        assert compiled["width"] == eager["width"]
+        assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+        assert float((compiled["grad"] - eager["grad"]).norm() / eager["grad"].norm()) < 1e-4
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_packing_on_refuses_an_attention_that_would_mix_captions(captions, tmp_path):
     from radtrain.config import ConfigError
 
     with pytest.raises(ConfigError, match="attn_implementation"):
         _runs(captions, tmp_path, "classify", {"x": ("user", ["data.packing=on", "model.attn_implementation=eager"])})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no varlen kernel exists")
+def test_packed_attention_varlen_without_a_kernel_is_refused(captions, tmp_path):
+    from radtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="packed_attention=varlen needs a varlen flash kernel"):
+        _runs(captions, tmp_path, "classify", {"x": ("user", ["data.packing=on", "data.packed_attention=varlen"])})
 
 
 @pytest.mark.gpu
@@ -220,10 +278,13 @@ def test_cuda_varlen_kernels_match_padded_bf16(captions, tmp_path):
     trainers, _ = _runs(captions, tmp_path, "classify", {
         "padded": ("user", ["data.packing=off", "train.precision=bf16"]),
         "packed": ("user", ["data.packing=auto", "train.precision=bf16"]),
+        "blocks": ("user", ["data.packing=auto", "data.packed_attention=blocks", "train.precision=bf16"]),
     }, exact=False)
     assert trainers["packed"].packing, "no varlen kernel: install flash-attn or use torch >= 2.10"
     picks = _mixed_batch(trainers["padded"].train_split)
-    padded, packed = (_forward_backward(trainers[n], picks) for n in ("padded", "packed"))
-    # bf16 matmuls over differently shaped batches: agreement to bf16 precision, not bit-exact.
-    assert packed["loss"] == pytest.approx(padded["loss"], rel=2e-2)
-    assert float((packed["grad"] - padded["grad"]).norm() / padded["grad"].norm()) < 5e-2
+    padded = _forward_backward(trainers["padded"], picks)
+    for name in ("packed", "blocks"):
+        got = _forward_backward(trainers[name], picks)
+        # bf16 matmuls over differently shaped batches: agreement to bf16 precision, not bit-exact.
+        assert got["loss"] == pytest.approx(padded["loss"], rel=2e-2), name
+        assert float((got["grad"] - padded["grad"]).norm() / padded["grad"].norm()) < 5e-2, name

@@ -268,6 +268,21 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(env, tmp_path):
     assert not (run / "summary.json").exists()
 
 
+def test_out_of_memory_stops_with_the_fix_and_keeps_the_checkpoints(env, tmp_path):
+    run = tmp_path / "run"
+    # The 7th forward pass (step 7, batch 16 = one micro-batch per step) raises what the CUDA
+    # allocator raises when a batch does not fit.
+    result = expect(radtrain(env, run, "train.epochs=1", fault="forward:7:oom"), 1)
+    assert "out of memory on cpu in optimizer step 7 (largest micro-batch on this process: 16 captions" in result.stderr
+    assert "train.batch_size=16 per process does not fit: halve train.batch_size and double train.grad_accum" in (
+        result.stderr
+    )
+    assert "the checkpoint of step 4 in" in result.stderr and "is kept" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert complete_steps(run) == [4]
+    manager(run).verify(manager(run).complete_checkpoints()[0])
+
+
 # -- promise 5: disk full, unwritable output directory --------------------------------------------
 
 

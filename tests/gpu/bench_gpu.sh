@@ -6,16 +6,21 @@
 #
 # On a lent machine run it through tests/gpu/device_run.sh (finds the right python, preflight).
 #
-# Steps, most important first; each has its own time limit, and a step that would start with less
-# than 20 s of BUDGET left is skipped, so a lease that runs short still returns what was measured:
-#   versions   card, driver, torch/CUDA, transformers, accelerate, deepspeed, flash-attn
-#   maths      the CUDA test: packed batches through the varlen kernel = the padded batch (bf16)
-#   cls_base   `radtrain bench`, ModernBERT-base shape: seed, fast, batch 128/512/1024 packed, 512 padded
-#   mlm_base   the MLM phase (real tokens/s)
-#   cls_large  the same for the ModernBERT-large shape (seed, fast, batch 256/512)
-#   zero       plain vs ZeRO-2 vs ZeRO-3, ModernBERT-large shape, through `accelerate launch`
-#   profile    where the time of a batch-512 step goes (GPU busy vs idle, top kernels)
-#   compile    torch.compile on the batch-512 packed configuration vs eager, same run
+# Steps, most important first (ONLY="versions cls_base ..." runs a subset); each has its own time
+# limit, and a step that would start with less than half of it (or 20 s) of BUDGET left is skipped,
+# so a lease that runs short still returns what was measured:
+#   versions        card, driver, torch/CUDA, transformers, accelerate, deepspeed, flash-attn
+#   cls_base        `radtrain bench`, ModernBERT-base shape: seed, fast, batch 512 packed with the
+#                   varlen kernel and with block attention (a preset that runs out of memory is
+#                   reported as such; the others still run)
+#   cls_b1024       the same at batch 1024 (own process)
+#   compile_blocks  torch.compile, batch 512, block attention (one dynamic graph)
+#   cls_large       the ModernBERT-large shape: seed, batch 512 varlen and blocks
+#   compile_varlen  torch.compile, batch 512, varlen kernel
+#   mlm_base        the MLM phase (real tokens/s)
+#   maths           the CUDA tests: packed batches (varlen and blocks) = the padded batch in bf16
+#   zero            plain vs ZeRO-2 vs ZeRO-3, ModernBERT-large shape, through `accelerate launch`
+#   profile         where the time of a batch-512 step goes (GPU busy vs idle, top kernels)
 # Everything lands in $OUT/results.tar (one JSON and one log per step, appended as each step ends)
 # and $OUT/steps.txt; the tables are printed last.
 set -uo pipefail
@@ -30,7 +35,7 @@ DEADLINE=${RADTRAIN_GPU_DEADLINE:-$(($(date +%s) + BUDGET))}
 # previous call's runs.
 WORK=${WORK:-$(mktemp -d /tmp/radtrain-gpu.XXXXXX)}
 PY=${PY:-python3}  # tests/gpu/device_run.sh sets it to the interpreter that has torch
-BASE=${BASE:-scratch:base} LARGE=${LARGE:-scratch:large} STEPS=${STEPS:-30}  # smaller: a CPU dry run
+BASE=${BASE:-scratch:base} LARGE=${LARGE:-scratch:large} STEPS=${STEPS:-20}  # smaller: a CPU dry run
 START=$SECONDS
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 mkdir -p "$OUT" "$WORK"
@@ -42,6 +47,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RADTRAIN_PROGRESS=0 TOKENIZE
 step() {  # step NAME LIMIT_S COMMAND...: skipped unless half its limit (>= 20 s) is left
   local name=$1 limit=$2 left t0 rc
   shift 2
+  case " ${ONLY:-$name} " in *" $name "*) ;; *) return 0 ;; esac  # ONLY="versions cls_base ...": a subset
   left=$((DEADLINE - $(date +%s) - 5))
   if [ "$left" -lt 20 ] || [ "$left" -lt $((limit / 2)) ]; then
     echo "$name skipped: ${left}s of budget left, it needs ~$((limit / 2))s" | tee -a "$OUT/steps.txt"
@@ -83,21 +89,27 @@ bench() {  # bench NAME [radtrain bench args...]
 export -f versions bench
 export DATA WORK PY
 step versions 60 versions || { echo "versions failed: stopping before the benchmarks"; exit 3; }
-step maths 120 "$PY" -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
-  -k "cuda or seed_loss or real_step or mlm"
-step cls_base 150 bench cls_base --model "$BASE" --steps "$STEPS" --warmup 5 --rounds 3 --presets seed,fast \
-  --variant b128:train.batch_size=128 --variant b512:train.batch_size=512 \
-  --variant b512_padded:train.batch_size=512,data.packing=off --variant b1024:train.batch_size=1024
-step mlm_base 120 bench mlm_base --task mlm --model "$BASE" --steps "$STEPS" --warmup 5 --rounds 3 \
-  --presets seed,fast --variant b512:train.batch_size=512
-step cls_large 150 bench cls_large --model "$LARGE" --steps $((STEPS * 2 / 3 > 2 ? STEPS * 2 / 3 : 2)) --warmup 4 --rounds 2 \
-  --presets seed,fast --variant b256:train.batch_size=256 --variant b512:train.batch_size=512
+B=data.packed_attention=blocks
+# Batch 1024 in a process of its own: every preset of a bench process stays resident (weights and
+# AdamW state, ~2.4 GB each for base), which would crowd a 1024 batch's ~55 GB of activations.
+step cls_base 120 bench cls_base --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets seed,fast \
+  --variant b512:train.batch_size=512 --variant b512_blocks:train.batch_size=512,$B
+step cls_b1024 90 bench cls_b1024 --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets "" \
+  --variant b1024:train.batch_size=1024 --variant b1024_blocks:train.batch_size=1024,$B
+step compile_blocks 150 bench compile_blocks --model "$BASE" --steps 10 --warmup 3 --presets "" \
+  --variant b512_blocks_compiled:train.batch_size=512,$B,train.compile=true
+step cls_large 100 bench cls_large --model "$LARGE" --steps $((STEPS * 2 / 3 > 2 ? STEPS * 2 / 3 : 2)) --warmup 3 \
+  --rounds 2 --presets seed --variant b512:train.batch_size=512 --variant b512_blocks:train.batch_size=512,$B
+step compile_varlen 150 bench compile_varlen --model "$BASE" --steps 10 --warmup 3 --presets "" \
+  --variant b512_compiled:train.batch_size=512,train.compile=true
+step mlm_base 100 bench mlm_base --task mlm --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 \
+  --presets seed --variant b512:train.batch_size=512 --variant b512_blocks:train.batch_size=512,$B
+step maths 90 "$PY" -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
+  -k "cuda or seed_loss or real_step or mlm or compiled"
 step zero 260 "$PY" tests/gpu/bench_zero.py --data "$DATA" --steps 30 --timeout 110 --work "$WORK/zero" \
   --out "$WORK/zero.json"
 step profile 90 "$PY" tests/gpu/profile_step.py --data "$DATA" --model "$BASE" --warmup 5 --steps 5 \
   train.batch_size=512 data.min_label_count=10
-step compile 180 bench compile --model "$BASE" --steps "$STEPS" --warmup 8 --presets "" \
-  --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true
 
 echo "== total $((SECONDS - START))s"
 cat "$OUT/steps.txt"

@@ -197,3 +197,21 @@ def source_config(cfg: ModelConfig):
             f"cannot load the model config from {source!r}: {exc}. Offline? Run `radtrain prefetch --model "
             f"{source}` where the Hub is reachable, or use model.name=scratch:tiny"
         ) from exc
+
+
+def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> str:
+    """torch.compile a model in place (``nn.Module.compile``: state_dict keys, checkpoints and
+    exports unchanged); returns what was compiled, ``"layers"`` or ``"model"``.
+
+    A transformer encoder is compiled layer by layer ("regional compilation"): its layers share one
+    forward, so Dynamo compiles a graph per distinct layer kind (ModernBERT: the first layer,
+    global and local attention) and reuses it for the rest, instead of one graph as deep as the
+    model. On an H100 the whole-model graph of the base shape had not finished compiling after
+    140 s (docs/benchmarks.md); the head and embeddings stay eager (a few small ops)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        for layer in layers:
+            layer.compile(dynamic=dynamic)
+        return "layers"
+    model.compile(dynamic=dynamic)
+    return "model"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radtrain import faults, packing
+from radtrain import faults, models, packing
 from radtrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, TrainerState, any_rank
 from radtrain.config import RunConfig
 from radtrain.data.batching import collate, eval_plan, plan_epoch, rank_slice
@@ -164,12 +164,10 @@ class Trainer:
         if self.packing:
             packing.enable(model, cfg.model.attn_implementation, accelerator.mixed_precision, cfg.data.packed_attention)
         if cfg.train.compile:
-            # In place (nn.Module.compile): state_dict keys, checkpoints and exports are unchanged.
             # Padded batches: the first shape is compiled static, later ones share one dynamic graph.
             # Packed batches change length at every step, so a static first graph is always thrown
-            # away: compile the dynamic one at once (one compile instead of two; on an H100 the two
-            # did not finish within 165 s for the base shape).
-            model.compile(dynamic=True if self.packing else None)
+            # away: compile the dynamic one at once.
+            models.compile_in_place(model, dynamic=True if self.packing else None)
         optimizer = build_optimizer(model, cfg)
         scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * self.total_steps), self.total_steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -10,14 +10,14 @@
 # limit, and a step that would start with less than half of it (or 20 s) of BUDGET left is skipped,
 # so a lease that runs short still returns what was measured:
 #   versions        card, driver, torch/CUDA, transformers, accelerate, deepspeed, flash-attn
-#   cls_base        `radtrain bench`, ModernBERT-base shape: seed, fast, batch 512 packed with the
-#                   varlen kernel and with block attention (a preset that runs out of memory is
-#                   reported as such; the others still run)
-#   cls_b1024       the same at batch 1024 (own process)
-#   compile_blocks  torch.compile, batch 512, block attention (one dynamic graph)
-#   cls_large       the ModernBERT-large shape: seed, batch 512 varlen and blocks
-#   compile_varlen  torch.compile, batch 512, varlen kernel
-#   mlm_base        the MLM phase (real tokens/s)
+#   compile_time    cold start and step time, eager vs compiled layer by layer (batch 512, base)
+#   compile         `radtrain bench`, base: seed, batch 512 eager vs compiled, batch 128 compiled
+#   cls_base        base: seed, fast, batch 512 packed with the varlen kernel and with block
+#                   attention (a preset that runs out of memory is reported as such; the others
+#                   still run)
+#   cls_b1024       batch 1024 eager and compiled (own process)
+#   cls_large       the ModernBERT-large shape: seed, batch 512 eager and compiled
+#   mlm_base        the MLM phase (real tokens/s), eager and compiled
 #   maths           the CUDA tests: packed batches (varlen and blocks) = the padded batch in bf16
 #   zero            plain vs ZeRO-2 vs ZeRO-3, ModernBERT-large shape, through `accelerate launch`
 #   profile         where the time of a batch-512 step goes (GPU busy vs idle, top kernels)
@@ -90,20 +90,23 @@ export -f versions bench
 export DATA WORK PY
 step versions 60 versions || { echo "versions failed: stopping before the benchmarks"; exit 3; }
 B=data.packed_attention=blocks
+# First the open question of 2026-11-27: what compiling layer by layer costs (cold start) and gains.
+step compile_time 200 "$PY" tests/gpu/compile_time.py --data "$DATA" --model "$BASE" --batch 512 --steps 10 \
+  --modes eager,layers --timeout 90 --out "$WORK/compile_time.json"
+step compile 150 bench compile --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets seed \
+  --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true \
+  --variant b128_compiled:train.batch_size=128,train.compile=true
 # Batch 1024 in a process of its own: every preset of a bench process stays resident (weights and
-# AdamW state, ~2.4 GB each for base), which would crowd a 1024 batch's ~55 GB of activations.
+# AdamW state, ~2.4 GB each for base), which would crowd a 1024 batch's ~35 GB of activations.
 step cls_base 120 bench cls_base --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets seed,fast \
   --variant b512:train.batch_size=512 --variant b512_blocks:train.batch_size=512,$B
 step cls_b1024 90 bench cls_b1024 --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets "" \
-  --variant b1024:train.batch_size=1024 --variant b1024_blocks:train.batch_size=1024,$B
-step compile_blocks 150 bench compile_blocks --model "$BASE" --steps 10 --warmup 3 --presets "" \
-  --variant b512_blocks_compiled:train.batch_size=512,$B,train.compile=true
-step cls_large 100 bench cls_large --model "$LARGE" --steps $((STEPS * 2 / 3 > 2 ? STEPS * 2 / 3 : 2)) --warmup 3 \
-  --rounds 2 --presets seed --variant b512:train.batch_size=512 --variant b512_blocks:train.batch_size=512,$B
-step compile_varlen 150 bench compile_varlen --model "$BASE" --steps 10 --warmup 3 --presets "" \
+  --variant b1024:train.batch_size=1024 --variant b1024_compiled:train.batch_size=1024,train.compile=true
+step cls_large 150 bench cls_large --model "$LARGE" --steps $((STEPS * 2 / 3 > 2 ? STEPS * 2 / 3 : 2)) --warmup 3 \
+  --rounds 2 --presets seed --variant b512:train.batch_size=512 \
   --variant b512_compiled:train.batch_size=512,train.compile=true
-step mlm_base 100 bench mlm_base --task mlm --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 \
-  --presets seed --variant b512:train.batch_size=512 --variant b512_blocks:train.batch_size=512,$B
+step mlm_base 150 bench mlm_base --task mlm --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 \
+  --presets seed --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true
 step maths 90 "$PY" -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
   -k "cuda or seed_loss or real_step or mlm or compiled"
 step zero 260 "$PY" tests/gpu/bench_zero.py --data "$DATA" --steps 30 --timeout 110 --work "$WORK/zero" \

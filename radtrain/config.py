@@ -140,8 +140,9 @@ class TrainConfig:
     precision: str = "auto"
     """'auto' (bf16 on a GPU that supports it, else fp32), 'fp32' or 'bf16'."""
     compile: bool = False
-    """torch.compile the model (one graph per padded shape; shapes are bounded by bucketing and
-    data.pad_to_multiple_of). Off by default: see docs/benchmarks.md for where it pays."""
+    """torch.compile the encoder layer by layer (one graph per kind of layer, reused by the others;
+    packed batches get dynamic graphs, padded ones are bounded by bucketing and
+    data.pad_to_multiple_of). Off by default until measured on a GPU: see docs/benchmarks.md."""
     seed: int = 42
     eval_every_steps: int | None = None
     """Evaluate every N optimizer steps, in addition to the end of each epoch; None: per epoch only."""

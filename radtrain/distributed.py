@@ -70,6 +70,19 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _quiet_deepspeed_deprecations() -> None:
+    """DeepSpeed (0.19) calls collectives that torch >= 2.13 deprecates; the FutureWarning came
+    back at every call (something in the stack resets the warnings registry: 1,016 lines in a
+    15-step ZeRO-3 run), drowning the run's own output. It is DeepSpeed's to fix, not the user's."""
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
+
+
 def make_accelerator(
     mixed_precision: str,
     grad_accum: int,
@@ -91,6 +104,8 @@ def make_accelerator(
 
     export_slurm_env()
     deepspeed = _deepspeed_requested()
+    if deepspeed:
+        _quiet_deepspeed_deprecations()
     multi_cpu = world_size_from_env() > 1 and not torch.cuda.is_available()
     if deepspeed and not torch.cuda.is_available():
         _skip_deepspeed_shm_op()

@@ -168,6 +168,8 @@ def test_mlm_under_zero3_exports_whole_weights(pipeline):
     run = mlm_run(pipeline)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "mlm" and summary["global_steps"] == 15
+    # DeepSpeed's deprecated collectives warned at every call under torch 2.13 (1,016 lines).
+    assert "is deprecated. Please use `torch.distributed" not in pipeline["outputs"]["mlm_zero3"]
     assert 0 < summary["validation"]["loss"] < 20
     model = AutoModelForMaskedLM.from_pretrained(run / "best")
     # Under ZeRO-3 an export written from the local shards would hold empty tensors.

@@ -240,16 +240,6 @@ class Row:
     error: str | None = None
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """The allocator refused a tensor: CUDA's OutOfMemoryError, or the CPU allocator's failure
-    (a plain RuntimeError in torch) and Python's MemoryError."""
-    import torch
-
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-
-
 # -- one preset -----------------------------------------------------------------------------------
 
 
@@ -414,12 +404,15 @@ class PresetRun:
         memory is recorded as failed and releases what it holds, so the others still run."""
         if self.error is not None:
             return
+        from radtrain.trainer import is_out_of_memory
+
         try:
             getattr(self, method)(n)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            self.error = f"out of memory after {self.warmup_steps + self.steps} steps: {str(exc).splitlines()[0][:300]}"
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # MemoryError() has no text
+            self.error = f"out of memory after {self.warmup_steps + self.steps} steps: {first_line[:300]}"
         if self.error is not None:  # outside the except block: its traceback holds the step's tensors
             self._release()
 
@@ -436,11 +429,11 @@ class PresetRun:
 
     def warm(self, n: int) -> None:
         self._activate()
-        t0 = time.perf_counter()
         for _ in range(n):
+            t0 = time.perf_counter()
             self.trainer._step(*next(self.groups))
-        self.warmup_s += time.perf_counter() - t0
-        self.warmup_steps += n
+            self.warmup_s += time.perf_counter() - t0
+            self.warmup_steps += 1
 
     def run(self, n: int) -> None:
         self._activate()

@@ -89,6 +89,11 @@ def _active(point: str) -> list[Fault]:
     return [f for f in _parsed[spec] if f.point == point]
 
 
+def reset() -> None:
+    """Count hits from 1 again (tests that inject faults in their own process)."""
+    _hits.clear()
+
+
 def hit(point: str, step: int | None = None) -> None:
     """Called by the code at the moment named ``point``; acts only if RADTRAIN_FAULT asks."""
     faults = _active(point)

@@ -207,9 +207,19 @@ def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> str:
     forward, so Dynamo compiles a graph per distinct layer kind (ModernBERT: the first layer,
     global and local attention) and reuses it for the rest, instead of one graph as deep as the
     model. On an H100 the whole-model graph of the base shape had not finished compiling after
-    140 s (docs/benchmarks.md); the head and embeddings stay eager (a few small ops)."""
+    150 s (docs/benchmarks.md); the head and embeddings stay eager (a few small ops).
+
+    Every layer's compiled entry hangs off one code object (``Module._call_impl``), and Dynamo
+    keeps at most ``recompile_limit`` (default 8) graphs per code object before it silently falls
+    back to eager: 3 kinds of layer x training / evaluation x static / dynamic shapes would pass
+    that, so the limit is raised to fit them."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        from torch._dynamo import config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         for layer in layers:
             layer.compile(dynamic=dynamic)
         return "layers"

@@ -220,9 +220,13 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
         name = "flash_attention_2" if flash else ATTN_NAME
     if name == ATTN_NAME:
         register()
+    flagged = 0
     for module in encoder.modules():  # the attention function reads the choice from its module
         if type(module).__name__ == "ModernBertAttention":
             setattr(module, BLOCKS_FLAG, attention == "blocks")
+            flagged += 1
+    if attention == "blocks" and flagged == 0:  # a renamed class would silently run the varlen kernel
+        raise ConfigError(f"data.packed_attention=blocks: no ModernBertAttention module in {type(model).__name__}")
     if getattr(model.config, "_attn_implementation", None) != name:
         model.set_attn_implementation(name)
     if not getattr(encoder, "_radtrain_packing", False):

@@ -344,7 +344,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 try:
                     loss_sum, items = self._step(st.epoch, st.steps_in_epoch, micro)
-                except torch.OutOfMemoryError as exc:
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
                     raise OutOfMemoryError(self._out_of_memory_message(micro)) from exc
                 st.steps_in_epoch += 1
                 st.train_time_s += time.perf_counter() - t0
@@ -461,21 +463,37 @@ class Trainer:
         # the items skewed the logged loss by up to 1/items, 2.6% on a tiny MLM step.)
         return loss_total / self.world, global_items / self.world
 
+    def _largest_micro_batch(self, micro: list[np.ndarray]) -> tuple[int, int, str]:
+        """(captions, real tokens, computed shape) of this rank's largest micro-batch of a step."""
+        data = self.cfg.data
+        largest = (0, 0, 0, "nothing")
+        for global_batch in micro:
+            lengths = self.lengths[rank_slice(global_batch, self.rank, self.world)]
+            n, real = len(lengths), int(lengths.sum())
+            if self.packing:
+                computed, shape = real, f"one packed row of {real} tokens"
+            else:
+                longest = int(lengths.max()) if n else 0
+                width = data.max_length if data.padding == "max_length" else -(-longest // data.pad_to_multiple_of) * data.pad_to_multiple_of
+                computed, shape = n * width, f"{n} x {width} padded"
+            if computed > largest[2]:
+                largest = (n, real, computed, shape)
+        return largest[0], largest[1], largest[3]
+
     def _out_of_memory_message(self, micro: list[np.ndarray]) -> str:
         cfg, st = self.cfg, self.state
-        captions = max(len(rank_slice(b, self.rank, self.world)) for b in micro)
-        tokens = max(int(self.lengths[rank_slice(b, self.rank, self.world)].sum()) for b in micro)
+        captions, real, shape = self._largest_micro_batch(micro)
         saved = self.ckpt.complete_checkpoints()
         kept = f"the checkpoint of step {saved[0].step} in {self.ckpt.root} is kept" if saved else "no checkpoint was written yet"
         return (
-            f"out of memory on {self.acc.device} in optimizer step {st.global_step + 1} (largest micro-batch "
-            f"on this process: {captions} captions, {tokens} real tokens, "
-            f"{'packed' if self.packing else f'padded to a multiple of {cfg.data.pad_to_multiple_of}'}). "
+            f"out of memory on {self.acc.device} in optimizer step {st.global_step + 1} (largest micro-batch on this "
+            f"process: {captions} captions, {real} real tokens, {shape}). "
             f"train.batch_size={cfg.train.batch_size} per process does not fit: halve train.batch_size and double "
             f"train.grad_accum (same global batch, same results), lower data.max_length, or use a DeepSpeed ZeRO "
             f"config (accelerate_configs/). Those settings change the run's plan, so start it in a new "
             f"output_dir; {kept}."
         )
+
 
     def _log_train(self, loss: float) -> None:
         st = self.state
@@ -543,4 +561,15 @@ def evaluate_split(
     return task.finish_eval(gathered), gathered
 
 
-__all__ = ["Trainer", "ResumeRequested", "NonFiniteLossError", "OutOfMemoryError", "EXIT_RESUME", "evaluate_split"]
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The allocator refused a tensor: CUDA's OutOfMemoryError, the CPU allocator's failure (a
+    plain RuntimeError in torch), a kernel library's failed allocation, or Python's MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "out of memory")
+    )
+
+
+__all__ = ["Trainer", "ResumeRequested", "NonFiniteLossError", "OutOfMemoryError", "is_out_of_memory", "EXIT_RESUME", "evaluate_split"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from radtrain import packing
+from radtrain import faults, packing
 from radtrain.bench import PresetRun, _Shared, preset_config
 from radtrain.cli import main
 from tests.conftest import ROCO
@@ -65,6 +65,7 @@ def test_a_preset_that_runs_out_of_memory_is_reported_and_the_others_still_run(c
     # first, one micro-batch per step); it raises what the CUDA allocator raises. One preset that
     # does not fit must not cost the rows of the others (a lease once lost a whole table to it).
     monkeypatch.setenv("RADTRAIN_FAULT", "forward:2:oom")
+    faults.reset()
     out = tmp_path / "bench.json"
     code = main([
         "bench", "--data", str(captions), "--model", "scratch:tiny", "--presets", "seed",
@@ -80,6 +81,23 @@ def test_a_preset_that_runs_out_of_memory_is_reported_and_the_others_still_run(c
         assert row["error"] is None and row["steps"] == 2 and row["captions_per_s"] > 0
     printed = capsys.readouterr().out
     assert "big" in printed and "out of memory" in printed
+
+
+def test_a_preset_that_runs_out_of_memory_releases_its_model(captions, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.setenv("RADTRAIN_FAULT", "forward:2:oom")  # the second warm-up step
+    faults.reset()
+    cfg = preset_config("user", None, overrides(captions, f"data.cache_dir={tmp_path / 'cache'}"))
+    run = PresetRun("x", cfg, _Shared(cfg, "classify", tmp_path), tmp_path)
+    model = weakref.ref(run.trainer.acc.unwrap_model(run.trainer.model))
+    run.attempt("warm", 3)
+    assert run.error.startswith("out of memory after 1 steps: out of memory (injected")
+    gc.collect()
+    assert model() is None, "the failed preset still holds its model (and so its GPU memory)"
+    run.attempt("run", 2)  # a failed preset is skipped, not retried
+    assert run.steps == 0 and run.row().captions_per_s is None
 
 
 def test_bench_variants_are_named_presets_on_the_user_config(captions, tmp_path):
@@ -184,6 +202,10 @@ def test_fast_path_computes_the_seed_loss(captions, tmp_path):
         "seed_mean": ("seed", ["model.classifier_pooling=mean"]),
     })
     assert not trainers["seed"].packing and trainers["packed"].packing
+    # The attention reads the choice from its module: every attention module must carry it.
+    for name, blocks in (("packed", False), ("packed_blocks", True)):
+        attention = [m for m in trainers[name].model.modules() if type(m).__name__ == "ModernBertAttention"]
+        assert attention and all(getattr(m, packing.BLOCKS_FLAG) is blocks for m in attention), name
     split = trainers["seed"].train_split
     short = np.argsort(split.lengths, kind="stable")[10:18]
     for picks in (_mixed_batch(split), short):
@@ -234,8 +256,7 @@ def test_packed_mlm_matches_padded(captions, tmp_path):
 def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path):
     """train.compile=true on packed batches: the same maths as eager, and the same dynamic graphs
     for batches of other lengths and caption counts (a static first graph would be recompiled at the
-    next step's length). On the CPU the block attention guards on the longest caption against the
-    local window, so both batches here have captions longer than it."""
+    next step's length), whether or not a batch has captions longer than the local window."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -248,8 +269,10 @@ def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path
     split = trainers["eager"].train_split
     order = np.argsort(split.lengths, kind="stable")
     other = np.concatenate([order[-6:-4], order[:3], order[len(order) // 3 : len(order) // 3 + 5]])  # 10 captions
+    short = order[10:18]  # every caption shorter than the local window
+    assert split.lengths[short].max() <= 64
     graphs = []
-    for picks in (_mixed_batch(split), other):
+    for picks in (_mixed_batch(split), other, short):
         eager, compiled = (_forward_backward(trainers[n], picks) for n in ("eager", "compiled"))
         assert compiled["width"] == eager["width"]
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
@@ -259,7 +282,7 @@ def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path
     # (scratch:small: the first layer without attention norm, local and global attention: 3 graphs
     # for 4 layers), and none added by the second batch's other lengths.
     assert len(trainers["compiled"].model.model.layers) == 4
-    assert graphs == [3, 3], graphs
+    assert graphs == [3, 3, 3], graphs
 
 
 def test_packing_on_refuses_an_attention_that_would_mix_captions(captions, tmp_path):

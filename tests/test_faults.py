@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,6 +275,7 @@ def test_out_of_memory_stops_with_the_fix_and_keeps_the_checkpoints(env, tmp_pat
     # allocator raises when a batch does not fit.
     result = expect(radtrain(env, run, "train.epochs=1", fault="forward:7:oom"), 1)
     assert "out of memory on cpu in optimizer step 7 (largest micro-batch on this process: 16 captions" in result.stderr
+    assert re.search(r"16 captions, \d+ real tokens, 16 x \d+ padded\)", result.stderr), result.stderr[-2000:]
     assert "train.batch_size=16 per process does not fit: halve train.batch_size and double train.grad_accum" in (
         result.stderr
     )

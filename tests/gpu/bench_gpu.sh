@@ -118,5 +118,5 @@ echo "== total $((SECONDS - START))s"
 cat "$OUT/steps.txt"
 for f in "$WORK"/*.log; do
   echo "== $(basename "$f")"
-  grep -E "^(preset|-----|seed |fast |b[0-9]|user |\| |plain|zero|device|torch|wall|GPU busy|[0-9]+ passed|FAILED)" "$f" | head -20
+  grep -E "^(preset|-----|seed |fast |b[0-9]|user |\| |plain|zero|device|torch|wall|GPU busy|[0-9]+ passed|FAILED|\{\"mode)" "$f" | head -20
 done

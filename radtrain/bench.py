@@ -6,6 +6,9 @@ defaults, ``user`` left as the user set them. Each preset builds the model from 
 the same initial weights) and runs the REAL optimizer step, ``Trainer._step``, on the real batch
 plan of the real batching code. Only observation is added: the collated shapes are recorded.
 
+A preset that runs out of memory (a batch that does not fit) becomes a row with ``error`` set and
+no figures; it releases its model and optimizer, and the other presets still run.
+
 Numbers reported per preset (one JSON row each):
 - captions_per_s, real_tokens_per_s: over the timed steps only (after ``--warmup`` steps, whose
   time, compile included, is reported separately as ``warmup_s``). Collation runs inside the

@@ -101,10 +101,9 @@ def hit(point: str, step: int | None = None) -> None:
         return
     if point in STEP_NUMBERED:
         number = int(step or 0)
-    else:  # counted per RADTRAIN_FAULT value: a new value starts from 1
-        key = f"{os.environ[ENV]}|{point}"
-        _hits[key] += 1
-        number = _hits[key]
+    else:
+        _hits[point] += 1
+        number = _hits[point]
     for fault in faults:
         if fault.covers(number):
             _act(fault, number)

@@ -199,9 +199,9 @@ def source_config(cfg: ModelConfig):
         ) from exc
 
 
-def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> str:
+def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> None:
     """torch.compile a model in place (``nn.Module.compile``: state_dict keys, checkpoints and
-    exports unchanged); returns what was compiled, ``"layers"`` or ``"model"``.
+    exports unchanged).
 
     A transformer encoder is compiled layer by layer ("regional compilation"): its layers share one
     forward, so Dynamo compiles a graph per distinct layer kind (ModernBERT: the first layer,
@@ -222,6 +222,5 @@ def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> str:
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         for layer in layers:
             layer.compile(dynamic=dynamic)
-        return "layers"
+        return
     model.compile(dynamic=dynamic)
-    return "model"

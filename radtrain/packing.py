@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 ATTN_NAME = "radtrain_varlen"
 PACKED_KEY = "cu_seqlens"
 BLOCKS_FLAG = "_radtrain_blocks"  # set on attention modules by enable(attention="blocks")
-ATTENTIONS = ("auto", "varlen", "blocks")
 # ModernBertModel skips building masks when given one per layer type; packed attention needs none.
 _NO_MASKS = {"full_attention": None, "sliding_attention": None}
 
@@ -190,7 +189,7 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
 
     ``attn_implementation`` is the user's model.attn_implementation (None: choose: flash-attn
     where installed and the step runs in half precision, which its kernels need); ``attention``
-    is data.packed_attention."""
+    is data.packed_attention (validated with the config)."""
     encoder = _encoder(model)
     if encoder is None:
         raise ConfigError(
@@ -201,8 +200,6 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
             f"data.packing=on cannot run with model.attn_implementation={attn_implementation!r} (it would let "
             "packed captions attend to each other); unset it, use flash_attention_2, or data.packing=off"
         )
-    if attention not in ATTENTIONS:
-        raise ConfigError(f"data.packed_attention must be one of {ATTENTIONS}, got {attention!r}")
     if attention == "blocks" and attn_implementation == "flash_attention_2":
         raise ConfigError(
             "data.packed_attention=blocks runs SDPA on caption blocks; it cannot use "

@@ -23,7 +23,7 @@ import torch
 from radtrain import faults, models, packing
 from radtrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, TrainerState, any_rank
 from radtrain.config import RunConfig
-from radtrain.data.batching import collate, eval_plan, plan_epoch, rank_slice
+from radtrain.data.batching import collate, eval_plan, padded_width, plan_epoch, rank_slice
 from radtrain.data.sources import DataError
 from radtrain.data.tokens import TokenizedSplit
 from radtrain.io import write_text
@@ -197,15 +197,15 @@ class Trainer:
             steps.append([batch[i : i + size] for i in range(0, len(batch), size)])
         return steps
 
-    def _collate(self, split: TokenizedSplit, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    def _padding(self) -> dict[str, int | None]:
         data = self.cfg.data
-        return collate(
-            split,
-            indices,
-            self.pad_id,
-            pad_to_multiple_of=data.pad_to_multiple_of,
-            pad_to_length=data.max_length if data.padding == "max_length" else None,
-        )
+        return {
+            "pad_to_multiple_of": data.pad_to_multiple_of,
+            "pad_to_length": data.max_length if data.padding == "max_length" else None,
+        }
+
+    def _collate(self, split: TokenizedSplit, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return collate(split, indices, self.pad_id, **self._padding())
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Non-tensors (a packed batch's max_seqlen) stay Python values: the kernels want ints.
@@ -465,7 +465,6 @@ class Trainer:
 
     def _largest_micro_batch(self, micro: list[np.ndarray]) -> tuple[int, int, str]:
         """(captions, real tokens, computed shape) of this rank's largest micro-batch of a step."""
-        data = self.cfg.data
         largest = (0, 0, 0, "nothing")
         for global_batch in micro:
             lengths = self.lengths[rank_slice(global_batch, self.rank, self.world)]
@@ -473,8 +472,7 @@ class Trainer:
             if self.packing:
                 computed, shape = real, f"one packed row of {real} tokens"
             else:
-                longest = int(lengths.max()) if n else 0
-                width = data.max_length if data.padding == "max_length" else -(-longest // data.pad_to_multiple_of) * data.pad_to_multiple_of
+                width = padded_width(int(lengths.max()) if n else 0, **self._padding())
                 computed, shape = n * width, f"{n} x {width} padded"
             if computed > largest[2]:
                 largest = (n, real, computed, shape)
@@ -493,7 +491,6 @@ class Trainer:
             f"config (accelerate_configs/). Those settings change the run's plan, so start it in a new "
             f"output_dir; {kept}."
         )
-
 
     def _log_train(self, loss: float) -> None:
         st = self.state

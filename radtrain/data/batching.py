@@ -64,6 +64,13 @@ def eval_plan(n: int, lengths: np.ndarray, batch_size: int, world_size: int, ran
     return batches[rank::world_size]
 
 
+def padded_width(longest: int, pad_to_multiple_of: int = 1, pad_to_length: int | None = None) -> int:
+    """The width ``collate`` pads a batch whose longest caption has ``longest`` tokens to."""
+    if pad_to_length is not None:
+        return max(pad_to_length, longest)
+    return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+
+
 def collate(
     split: TokenizedSplit,
     indices: np.ndarray,
@@ -75,11 +82,7 @@ def collate(
     caption 0 so shapes stay realistic, and ``index`` tells the gatherer to drop it."""
     real = np.where(indices < 0, 0, indices)
     rows = [split.row(int(i)) for i in real]
-    longest = max(len(r) for r in rows)
-    if pad_to_length is not None:
-        width = max(pad_to_length, longest)
-    else:
-        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    width = padded_width(max(len(r) for r in rows), pad_to_multiple_of, pad_to_length)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     attention = np.zeros((len(rows), width), dtype=np.int64)
     for r, row in enumerate(rows):

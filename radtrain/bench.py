@@ -30,6 +30,9 @@ Numbers reported per preset (one JSON row each):
   ones). 6 = 2 FLOPs per parameter per token forward (one multiply-add) + 4 backward; 12 = 3
   (forward + backward) x 2 matmuls (QK^T, AV) x 2 FLOPs per multiply-add. Padding, filler and
   recomputation are not counted: this is useful work, so padding lowers MFU.
+- ops_per_step: ATen operators one more (untimed) step dispatches, forward, backward and
+  optimizer (``radtrain.opcount``): the kernel launches an eager step makes, the figure a
+  launch-bound GPU step's time follows; measurable on a CPU. None for compiled presets.
 """
 
 from __future__ import annotations
@@ -240,6 +243,8 @@ class Row:
     model_tflops_per_s: float | None
     settings: dict[str, Any] = field(default_factory=dict)
     final_loss: float | None = None
+    ops_per_step: int | None = None
+    """Operators one step dispatches (radtrain.opcount): its kernel launches; None when compiled."""
     error: str | None = None
 
 
@@ -379,6 +384,7 @@ class PresetRun:
         self.transient = 0
         self.memory_method = ""
         self.losses: list[float] = []
+        self.ops_per_step: int | None = None
 
     def _activate(self) -> None:
         """accelerate's state is process-global (Borg dicts); give it back this preset's values
@@ -461,6 +467,19 @@ class PresetRun:
         self.transient = max(self.transient, meter.peak())
         self.memory_method = meter.method
 
+    def count_ops(self, n: int) -> None:
+        """Operators dispatched per step over n more (untimed) steps. Not for compiled presets:
+        the counter would see Inductor's fused kernels as nothing, or make Dynamo retrace."""
+        if self.cfg.train.compile or n < 1:
+            return
+        from radtrain.opcount import OpCounter
+
+        self._activate()
+        with OpCounter() as counter:
+            for _ in range(n):
+                self.trainer._step(*next(self.groups))
+        self.ops_per_step = round(counter.total / n)
+
     def row(self) -> Row:
         if self.error is not None:
             return Row(
@@ -489,6 +508,7 @@ class PresetRun:
             model_tflops_per_s=achieved / 1e12 if self.device.type == "cuda" else None,
             settings=self.settings,
             final_loss=float(np.mean(self.losses[-max(1, self.steps // 5):])) if self.losses else None,
+            ops_per_step=self.ops_per_step,
         )
 
 
@@ -524,7 +544,7 @@ def format_table(rows: list[Row]) -> str:
     width = max([8, *(len(r.preset) for r in rows)])
     header = (
         f"{'preset':<{width}} {'captions/s':>11} {'x seed':>7} {'real tok/s':>11} {'padding':>8} "
-        f"{'peak MiB':>9} {'step ms':>8} {'warmup s':>9} {'MFU':>6}"
+        f"{'peak MiB':>9} {'step ms':>8} {'warmup s':>9} {'MFU':>6} {'ops/step':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -533,10 +553,11 @@ def format_table(rows: list[Row]) -> str:
             continue
         speedup = f"{r.captions_per_s / base.captions_per_s:.2f}" if base and base.captions_per_s else "-"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
+        ops = f"{r.ops_per_step}" if r.ops_per_step is not None else "-"
         lines.append(
             f"{r.preset:<{width}} {r.captions_per_s:>11.1f} {speedup:>7} {r.real_tokens_per_s:>11.0f} "
             f"{r.padding_fraction:>8.3f} {r.peak_memory_bytes / 2**20:>9.1f} {r.step_ms:>8.1f} "
-            f"{r.warmup_s:>9.2f} {mfu:>6}"
+            f"{r.warmup_s:>9.2f} {mfu:>6} {ops:>9}"
         )
     return "\n".join(lines)
 
@@ -592,6 +613,8 @@ def run_bench(
         for r in range(rounds):
             for run in runs:
                 run.attempt("run", steps // rounds + (1 if r < steps % rounds else 0))
+        for run in runs:  # after the timed steps: counting slows a step down
+            run.attempt("count_ops", 1)
         rows = [run.row() for run in runs]
         del runs
         gc.collect()

@@ -16,6 +16,12 @@ know where captions start:
   backward took 19% of a base step's GPU time for ROCO-length captions (docs/benchmarks.md),
   which is why this path is offered on CUDA too.
 
+With ``radtrain_varlen`` the attention modules also get a forward of radtrain's for packed rows
+(``PackedModernBertAttention``): the rotary embedding of queries and keys in one pass, bitwise
+what transformers computes, laid out as the varlen kernel reads them. transformers' forward
+launches 16 kernels for the rotary and 3 copies for the layout per layer; the step is
+launch-bound on a GPU (docs/benchmarks.md), and kernels are what it waits on.
+
 ``radtrain_varlen`` is plain SDPA for padded batches (evaluation always pads), so a model set to
 it computes exactly what the default ``sdpa`` model computes. The attention choice is a runtime
 setting, not saved in exports.
@@ -71,10 +77,10 @@ def torch_varlen_kernel() -> bool:
 
 
 def _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_window):
-    """Exact varlen attention on any device: scatter the captions of a packed row (1, H, T, D)
-    into a (captions, H, max_len, D) block, SDPA with a key-padding (and local-window) mask,
-    gather the real rows back."""
-    heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
+    """Exact varlen attention on any device: scatter the captions of a packed row (T, H, D) into
+    a (captions, H, max_len, D) block, SDPA with a key-padding (and local-window) mask, gather the
+    real rows back (T, H, D)."""
+    total, heads, dim = query.shape
     n = cu_seqlens.numel() - 1
     lengths = cu_seqlens.diff().long()
     segment = torch.repeat_interleave(torch.arange(n, device=query.device), lengths, output_size=total)
@@ -83,7 +89,7 @@ def _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_w
 
     def to_block(x):
         block = x.new_zeros(n * max_len, heads, dim)
-        block.index_copy_(0, flat, x[0].transpose(0, 1))
+        block.index_copy_(0, flat, x)
         return block.view(n, max_len, heads, dim).transpose(1, 2)
 
     keys = torch.arange(max_len, device=query.device)
@@ -96,20 +102,13 @@ def _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_w
         near = (keys[:, None] - keys[None, :]).abs() <= sliding_window - 1
         mask = mask & near[None, None]
     out = F.scaled_dot_product_attention(to_block(query), to_block(key), to_block(value), attn_mask=mask, scale=scaling)
-    out = out.transpose(1, 2).reshape(n * max_len, heads, dim)[flat]
-    return out.unsqueeze(0)  # (1, T, H, D), the layout transformers' attention functions return
+    return out.transpose(1, 2).reshape(n * max_len, heads, dim)[flat]
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
-    """transformers attention interface: query/key/value (batch, heads, tokens, head_dim)."""
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is None:  # a padded batch (evaluation, inference): exactly the sdpa path
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    max_len = int(kwargs["max_length_q"])
+def packed_attention(module, query, key, value, cu_seqlens, max_len: int, scaling, sliding_window):
+    """Attention within each caption of a packed row: query/key/value (T, heads, head_dim) -> (T, heads, head_dim).
+    PyTorch's varlen flash kernel where it runs (and the module is not set to blocks), else the
+    exact block fallback."""
     kernel = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and torch_varlen_kernel()
     if kernel and not getattr(module, BLOCKS_FLAG, False):
         from torch.nn.attention.varlen import varlen_attn
@@ -117,19 +116,101 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         window = (-1, -1)
         if sliding_window is not None:  # unconditionally, as above (compile guards)
             window = (sliding_window - 1, sliding_window - 1)  # as transformers passes flash-attn
-        out = varlen_attn(
-            query[0].transpose(0, 1).contiguous(),  # (T, heads, head_dim)
-            key[0].transpose(0, 1).contiguous(),
-            value[0].transpose(0, 1).contiguous(),
-            cu_seqlens,
-            cu_seqlens,
-            max_len,
-            max_len,
-            scale=scaling,
-            window_size=window,
+        # .contiguous() copies only the values: rotary_qk already lays queries and keys out so.
+        return varlen_attn(
+            query.contiguous(), key.contiguous(), value.contiguous(), cu_seqlens, cu_seqlens, max_len, max_len,
+            scale=scaling, window_size=window,
         )
-        return out.unsqueeze(0), None
-    return _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_window), None
+    return _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_window)
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    """transformers attention interface: query/key/value (batch, heads, tokens, head_dim).
+
+    Padded batches (evaluation, inference) get exactly the sdpa path. Packed rows normally arrive
+    through the packed attention forward below instead; this route serves a ModernBERT whose
+    attention module could not be given that forward."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows = [x[0].transpose(0, 1) for x in (query, key, value)]  # (T, heads, head_dim)
+    out = packed_attention(module, *rows, cu_seqlens, int(kwargs["max_length_q"]), scaling, sliding_window)
+    return out.unsqueeze(0), None  # (1, T, H, D), the layout transformers' attention functions return
+
+
+# -- the attention module's forward for packed rows ------------------------------------------------
+
+
+def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of a packed row's queries and keys, both at once.
+
+    ``qkv`` (T, 3, heads, head_dim) is Wqkv's output viewed per head; ``cos``/``sin`` (T, head_dim).
+    Returns (2, T, heads, head_dim) in qkv's dtype, contiguous, so queries and keys are each the
+    contiguous (T, heads, head_dim) rows the varlen kernel takes (transformers' layout needed
+    three copies for it).
+
+    Bitwise what transformers' ``apply_rotary_pos_emb`` computes (the rotation in fp32, rounded
+    once), in 5 kernels on the (T, hidden) tensors instead of 16, and with bf16 rather than fp32
+    copies saved for backward: ``rotate_half(x) * sin == roll(x, D/2) * sin'`` with the first half
+    of ``sin'`` negated (negation is exact); a bf16 tensor times an fp32 one is computed in fp32
+    inside the kernel, so nothing is upcast on its own; queries and keys go through together.
+    """
+    half = qkv.shape[-1] // 2
+    x = qkv[:, :2].transpose(0, 1)  # (2, T, heads, head_dim), a view
+    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
+    rotated = torch.roll(x, half, dims=-1) * signed_sin  # roll allocates contiguous (2, T, H, D)
+    # The contiguous operand first: the sum takes its layout, not x's (T, 2, H, D) strides.
+    return (rotated + x * cos[:, None, :]).to(qkv.dtype)
+
+
+def _packed_attention_class(base: type) -> type:
+    """``base`` (ModernBertAttention) with a forward that computes packed rows itself: rotary on
+    queries and keys at once, laid out for the varlen kernel. Padded batches take base's forward.
+    A subclass rather than a per-instance forward: torch.compile then sees one module type for
+    every layer and reuses one graph across them."""
+
+    class PackedModernBertAttention(base):
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+            cu_seqlens = kwargs.get("cu_seq_lens_q")
+            if cu_seqlens is None:
+                return super().forward(
+                    hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
+                )
+            total = hidden_states.shape[1]  # one packed row: (1, T, hidden)
+            qkv = self.Wqkv(hidden_states).view(total, 3, -1, self.head_dim)
+            cos, sin = position_embeddings  # (1, T, head_dim) each
+            query, key = rotary_qk(qkv, cos[0], sin[0])
+            out = packed_attention(
+                self, query, key, qkv[:, 2], cu_seqlens, int(kwargs["max_length_q"]), self.head_dim**-0.5,
+                self.sliding_window,
+            )
+            return self.out_drop(self.Wo(out.reshape(1, total, -1))), None
+
+    PackedModernBertAttention.__name__ = PackedModernBertAttention.__qualname__ = base.__name__
+    return PackedModernBertAttention
+
+
+_PACKED_CLASSES: dict[type, type] = {}
+_ATTENTION_PARTS = ("Wqkv", "Wo", "out_drop", "head_dim", "sliding_window")
+
+
+def _give_packed_forward(module) -> bool:
+    """Swap a ModernBertAttention module to the packed subclass; False (stock forward kept, still
+    exact through ``varlen_attention``) if this transformers version's module lacks a part it uses."""
+    if getattr(type(module), "_radtrain_packed", False):
+        return True
+    if not all(hasattr(module, part) for part in _ATTENTION_PARTS):
+        return False
+    base = type(module)
+    if base not in _PACKED_CLASSES:
+        _PACKED_CLASSES[base] = _packed_attention_class(base)
+        _PACKED_CLASSES[base]._radtrain_packed = True
+    module.__class__ = _PACKED_CLASSES[base]
+    return True
 
 
 @functools.cache
@@ -180,6 +261,22 @@ def _pool_per_caption(pooling: str):
     return hook
 
 
+def use_stock_attention_forward(model) -> int:
+    """Give a packed model's attention modules back transformers' own forward (packed rows then go
+    through ``varlen_attention``: exact, more kernels). For measuring what radtrain's forward
+    saves (tests, tests/gpu/packed_forward.py); returns how many modules changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(type(module), "_radtrain_packed", False):
+            module.__class__ = type(module).__bases__[0]
+            changed += 1
+    return changed
+
+
+def _attention_dropout(model) -> float:
+    return float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+
+
 def supports_packing(model) -> bool:
     return _encoder(model) is not None
 
@@ -205,6 +302,11 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
             "data.packed_attention=blocks runs SDPA on caption blocks; it cannot use "
             "model.attn_implementation=flash_attention_2 (unset it, or use data.packed_attention=varlen)"
         )
+    if _attention_dropout(model):
+        raise ConfigError(
+            f"data.packing=on: this model's config sets attention_dropout={_attention_dropout(model)}, which the packed "
+            "attention does not apply; use data.packing=off (or a config with attention_dropout=0)"
+        )
     half = mixed_precision in ("bf16", "fp16")
     if attention == "varlen" and not (torch.cuda.is_available() and half and (flash_attn_installed() or torch_varlen_kernel())):
         raise ConfigError(
@@ -217,11 +319,16 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
         name = "flash_attention_2" if flash else ATTN_NAME
     if name == ATTN_NAME:
         register()
-    flagged = 0
+    flagged = stock = 0
     for module in encoder.modules():  # the attention function reads the choice from its module
         if type(module).__name__ == "ModernBertAttention":
             setattr(module, BLOCKS_FLAG, attention == "blocks")
+            if name == ATTN_NAME and not _give_packed_forward(module):
+                stock += 1
             flagged += 1
+    if stock:
+        log.warning("%d ModernBertAttention modules lack a part of %s: they pack with transformers' own "
+                    "forward (exact, more kernels per step)", stock, _ATTENTION_PARTS)
     if attention == "blocks" and flagged == 0:  # a renamed class would silently run the varlen kernel
         raise ConfigError(f"data.packed_attention=blocks: no ModernBertAttention module in {type(model).__name__}")
     if getattr(model.config, "_attn_implementation", None) != name:
@@ -243,6 +350,8 @@ def resolve(setting: str, model, device: torch.device, mixed_precision: str, att
     if setting == "on":
         return True
     if device.type != "cuda" or mixed_precision not in ("bf16", "fp16") or not supports_packing(model):
+        return False
+    if _attention_dropout(model):  # the packed attention has none; padded batches apply it
         return False
     if attn_implementation not in (None, "flash_attention_2", ATTN_NAME):
         return False

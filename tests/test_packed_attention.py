@@ -1,0 +1,102 @@
+"""radtrain's forward for ModernBERT attention on packed rows: transformers' maths, fewer kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import ModernBertConfig, ModernBertForSequenceClassification
+from transformers.models.modernbert import modeling_modernbert
+
+from radtrain import packing
+from radtrain.opcount import OpCounter
+
+LENGTHS = [150, 7, 33, 64, 2, 90]  # one caption longer than the local window (128), one of 2 tokens
+
+
+def _model(seed: int = 0) -> ModernBertForSequenceClassification:
+    config = ModernBertConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=512, num_labels=11, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return ModernBertForSequenceClassification(config)
+
+
+def _packed_batch() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    width = max(LENGTHS)
+    ids = torch.randint(1, 512, (len(LENGTHS), width), generator=generator)
+    mask = (torch.arange(width)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
+    labels = (torch.rand(len(LENGTHS), 11, generator=generator) < 0.3).float()
+    return packing.pack({"input_ids": ids * mask, "attention_mask": mask, "labels": labels}, token_labels=False)
+
+
+def _step(model, batch, dtype):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = model(**packing.model_inputs(batch)).logits
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["labels"], reduction="sum")
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_qk_is_transformers_rotary_bitwise(dtype):
+    config = _model().config
+    rotary = modeling_modernbert.ModernBertRotaryEmbedding(config)
+    total, heads, dim = sum(LENGTHS), 4, 16
+    qkv = torch.randn(total, 3 * heads * dim).to(dtype).view(total, 3, heads, dim)
+    positions = _packed_batch()["position_ids"]
+    assert positions.shape == (1, total)
+    for layer_type in ("full_attention", "sliding_attention"):
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions, layer_type)  # fp32, as under autocast
+        # transformers' layout: (batch, heads, tokens, head_dim) views of Wqkv's output.
+        q, k = (qkv[:, i].transpose(0, 1).unsqueeze(0) for i in (0, 1))
+        want_q, want_k = modeling_modernbert.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        got = packing.rotary_qk(qkv, cos[0], sin[0])
+        assert got.dtype == dtype and got.is_contiguous()
+        assert got[0].is_contiguous() and got[1].is_contiguous()  # what the varlen kernel reads, no copy
+        assert torch.equal(got[0], want_q[0].transpose(0, 1)), layer_type
+        assert torch.equal(got[1], want_k[0].transpose(0, 1)), layer_type
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_forward_matches_transformers_forward_with_fewer_ops(dtype):
+    batch = _packed_batch()
+    ours, stock = _model(), _model()
+    for model in (ours, stock):
+        packing.enable(model, None, "bf16" if dtype == torch.bfloat16 else "no", "auto")
+    assert packing.use_stock_attention_forward(stock) == 4
+    attention = [m for m in ours.modules() if type(m).__name__ == "ModernBertAttention"]
+    assert len(attention) == 4 and all(getattr(type(m), "_radtrain_packed", False) for m in attention)
+    assert not any(getattr(type(m), "_radtrain_packed", False) for m in stock.modules())
+
+    results = {}
+    for name, model in (("ours", ours), ("stock", stock)):
+        with OpCounter() as counter:
+            logits, grads = _step(model, batch, dtype)
+        results[name] = (logits, grads, counter.total)
+    (logits, grads, ops), (ref_logits, ref_grads, ref_ops) = results["ours"], results["stock"]
+    assert logits.shape == (len(LENGTHS), 11)
+    # The same operations on the same values: bitwise equal, forward and backward.
+    assert torch.equal(logits, ref_logits)
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    # Forward + backward of 4 layers. Measured: 358 vs 414 operators in fp32, 440 vs 528 in bf16
+    # (no fp32 copies of queries and keys to make and cast back); on a GPU the varlen kernel's
+    # input copies of queries and keys go too.
+    saved_per_layer = 12 if dtype == torch.float32 else 20
+    assert ops <= ref_ops - 4 * saved_per_layer, (ops, ref_ops)
+
+
+def test_packing_refuses_a_model_with_attention_dropout():
+    """The packed attention applies no dropout: packing a model whose config asks for it would
+    silently train another model."""
+    from radtrain.config import ConfigError
+
+    model = _model()
+    model.config.attention_dropout = 0.1
+    with pytest.raises(ConfigError, match="attention_dropout=0.1"):
+        packing.enable(model, None, "no", "auto")
+    assert not packing.resolve("auto", model, torch.device("cuda"), "bf16", None)

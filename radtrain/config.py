@@ -67,7 +67,9 @@ class DataConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     cache_dir: str | None = None
-    """Tokenized-dataset cache; default ~/.cache/radtrain (or $RADTRAIN_CACHE)."""
+    """radtrain's caches: tokenized splits (tokens/) and, with train.compile, torch.compile's
+    kernels (inductor/). Default ~/.cache/radtrain (or $RADTRAIN_CACHE): put it on a filesystem
+    every node sees, so array tasks and requeued jobs reuse both."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "data.source is empty: give a Hub dataset id, a directory or a file")

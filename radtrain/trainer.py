@@ -25,7 +25,7 @@ from radtrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManag
 from radtrain.config import RunConfig
 from radtrain.data.batching import collate, eval_plan, padded_width, plan_epoch, rank_slice
 from radtrain.data.sources import DataError
-from radtrain.data.tokens import TokenizedSplit
+from radtrain.data.tokens import TokenizedSplit, cache_root
 from radtrain.io import write_text
 from radtrain.metrics import is_better
 
@@ -164,6 +164,8 @@ class Trainer:
         if self.packing:
             packing.enable(model, cfg.model.attn_implementation, accelerator.mixed_precision, cfg.data.packed_attention)
         if cfg.train.compile:
+            cache = models.use_compile_cache(cache_root(cfg.data.cache_dir) / "inductor")
+            log.info("torch.compile caches: %s", cache)
             # Padded batches: the first shape is compiled static, later ones share one dynamic graph.
             # Packed batches change length at every step, so a static first graph is always thrown
             # away: compile the dynamic one at once.

@@ -285,6 +285,25 @@ def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path
     # for 4 layers), and none added by the second batch's other lengths.
     assert len(trainers["compiled"].model.model.layers) == 4
     assert graphs == [3, 3, 3], graphs
+    # Inductor's caches went to radtrain's cache folder (data.cache_dir), which a cluster's nodes share.
+    assert any((tmp_path / "cache" / "inductor").rglob("*.py")), "no compiled code in the radtrain cache"
+
+
+def test_compile_caches_live_in_radtrain_cache_unless_the_user_chose(captions, tmp_path, monkeypatch):
+    """Inductor's default cache (/tmp/torchinductor_<user>) is node-local: a cluster job on a fresh
+    node would compile from cold. Measured: 33.2 s first step cold, 7.7 s from the filled cache."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing torch._dynamo leaves
+    _runs(captions, tmp_path / "a", "classify", {"c": ("user", ["train.compile=true"])})
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "a" / "cache" / "inductor")
+    _runs(captions, tmp_path / "b", "classify", {"c": ("user", ["train.compile=true"])})  # a later run, same process
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "b" / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    _runs(captions, tmp_path / "c", "classify", {"c": ("user", ["train.compile=true"])})
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 def test_packing_on_refuses_an_attention_that_would_mix_captions(captions, tmp_path):

@@ -19,8 +19,12 @@ from radtrain.io import replacing
 TOKENIZE_CHUNK = 4096
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RADTRAIN_CACHE", Path.home() / ".cache" / "radtrain")) / "tokens"
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """radtrain's cache folder: data.cache_dir, else $RADTRAIN_CACHE, else ~/.cache/radtrain.
+    Holds tokens/ (tokenized splits) and inductor/ (torch.compile's caches)."""
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("RADTRAIN_CACHE", Path.home() / ".cache" / "radtrain"))
 
 
 @dataclass
@@ -68,11 +72,11 @@ def _texts_digest(texts: list[str]) -> str:
 
 def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache_dir: str | Path | None = None) -> TokenizedSplit:
     """Tokenize (or load from cache) with truncation to max_length; no padding here."""
-    cache_root = Path(cache_dir) / "tokens" if cache_dir else default_cache_dir()
+    tokens_dir = cache_root(cache_dir) / "tokens"
     key = hashlib.sha256(
         f"{_tokenizer_digest(tokenizer)}|{max_length}|{_texts_digest(texts)}".encode()
     ).hexdigest()[:32]
-    path = cache_root / f"{key}.npz"
+    path = tokens_dir / f"{key}.npz"
     if path.is_file():
         try:
             with np.load(path) as data:
@@ -91,7 +95,7 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, cache_dir: str 
     ids = np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=int(offsets[-1]))
     split = TokenizedSplit(ids=ids, offsets=offsets)
     try:
-        cache_root.mkdir(parents=True, exist_ok=True)
+        tokens_dir.mkdir(parents=True, exist_ok=True)
         with replacing(path, suffix=".npz") as tmp:
             np.savez(tmp, ids=ids, offsets=offsets)
     except OSError:

@@ -10,8 +10,10 @@
 # limit, and a step that would start with less than half of it (or 20 s) of BUDGET left is skipped,
 # so a lease that runs short still returns what was measured:
 #   versions        card, driver, torch/CUDA, transformers, accelerate, deepspeed, flash-attn
-#   compile_time    cold start and step time, eager vs compiled layer by layer (batch 512, base)
+#   compile_time    cold start and step time, eager vs compiled layer by layer (batch 512, base),
+#                   and the warm start from a filled Inductor cache
 #   compile         `radtrain bench`, base: seed, batch 512 eager vs compiled, batch 128 compiled
+#   packed_forward  radtrain's packed attention forward vs transformers' (base, batch 512)
 #   cls_base        base: seed, fast, batch 512 packed with the varlen kernel and with block
 #                   attention (a preset that runs out of memory is reported as such; the others
 #                   still run)
@@ -91,11 +93,14 @@ export DATA WORK PY
 step versions 60 versions || { echo "versions failed: stopping before the benchmarks"; exit 3; }
 B=data.packed_attention=blocks
 # First the open question of 2026-11-27: what compiling layer by layer costs (cold start) and gains.
-step compile_time 200 "$PY" tests/gpu/compile_time.py --data "$DATA" --model "$BASE" --batch 512 --steps 10 \
-  --modes eager,layers --timeout 90 --out "$WORK/compile_time.json"
+step compile_time 260 "$PY" tests/gpu/compile_time.py --data "$DATA" --model "$BASE" --batch 512 --steps 10 \
+  --modes eager,layers,layers --timeout 90 --out "$WORK/compile_time.json"
 step compile 150 bench compile --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets seed \
   --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true \
   --variant b128_compiled:train.batch_size=128,train.compile=true
+# radtrain's packed attention forward against transformers' own (same batches, same weights).
+step packed_forward 90 "$PY" tests/gpu/packed_forward.py --data "$DATA" --model "$BASE" --steps "$STEPS" \
+  --json "$WORK/packed_forward.json" train.batch_size=512 data.min_label_count=10
 # Batch 1024 in a process of its own: every preset of a bench process stays resident (weights and
 # AdamW state, ~2.4 GB each for base), which would crowd a 1024 batch's ~35 GB of activations.
 step cls_base 120 bench cls_base --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets seed,fast \
@@ -118,5 +123,5 @@ echo "== total $((SECONDS - START))s"
 cat "$OUT/steps.txt"
 for f in "$WORK"/*.log; do
   echo "== $(basename "$f")"
-  grep -E "^(preset|-----|seed |fast |b[0-9]|user |\| |plain|zero|device|torch|wall|GPU busy|[0-9]+ passed|FAILED|\{\"mode)" "$f" | head -20
+  grep -E "^(preset|-----|seed |fast |b[0-9]|user |radtrain|transformers |\| |plain|zero|device|torch|wall|GPU busy|[0-9]+ passed|FAILED|\{\"mode)" "$f" | head -20
 done

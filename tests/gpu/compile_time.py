@@ -1,6 +1,7 @@
 """Cold-start compile time and step time: whole-model torch.compile vs layer by layer (what
 ``train.compile=true`` does, ``radtrain.models.compile_in_place``), on packed batches of real
-captions. Each mode runs in a fresh process (Dynamo's caches are per process).
+captions. Each mode runs in a fresh process (Dynamo's caches are per process); a mode named twice
+runs again with Inductor's cache filled by the first (the warm start of a requeued job).
 
     python tests/gpu/compile_time.py --data ../shared/data/roco_v1_radiology.jsonl --model scratch:base \
         --batch 512 --steps 5 --out compile_time.json
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(mode: str, args: argparse.Namespace) -> dict:
-    import tempfile
-
     import torch
 
     from radtrain import models
@@ -78,15 +79,22 @@ def main() -> None:
         print(json.dumps(measure(args.one, args)), flush=True)
         return
     rows = []
+    # One fresh Inductor cache for this invocation: a mode's first run compiles from cold, and a
+    # mode named twice (--modes eager,layers,layers) measures the warm start a filled cache gives
+    # (radtrain keeps it in data.cache_dir/inductor: models.use_compile_cache).
+    cache = Path(tempfile.mkdtemp(prefix="compile-time-inductor-"))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--one", mode, "--data", args.data, "--model", args.model,
                "--batch", str(args.batch), "--steps", str(args.steps)]
+        warm = mode != "eager" and any(cache.rglob("*.py"))
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             row = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {
                 "mode": mode, "error": done.stderr[-600:]}
         except subprocess.TimeoutExpired:
             row = {"mode": mode, "error": f"did not finish within {args.timeout} s"}
+        row["inductor_cache"] = "warm" if warm else "cold"
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.out:

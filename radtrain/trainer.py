@@ -163,6 +163,7 @@ class Trainer:
         )
         if self.packing:
             packing.enable(model, cfg.model.attn_implementation, accelerator.mixed_precision, cfg.data.packed_attention)
+        self.attention = getattr(model.config, "_attn_implementation", None)
         if cfg.train.compile:
             cache = models.use_compile_cache(cache_root(cfg.data.cache_dir) / "inductor")
             log.info("torch.compile caches: %s", cache)
@@ -307,6 +308,9 @@ class Trainer:
             "train_captions": len(self.train_split),
             "mean_caption_tokens": round(mean_len, 1),
             "real_tokens_per_step": round(mean_len * self.step_batch),
+            "precision": "fp32" if self.acc.mixed_precision == "no" else self.acc.mixed_precision,
+            "packed": bool(self.packing),
+            "attention": self.attention,
         }
 
     def train(self) -> TrainerState:
@@ -316,7 +320,8 @@ class Trainer:
                 f"[radtrain] {self.task.name}: {info['processes']} process(es) x batch {info['per_device_batch']} "
                 f"x accum {info['grad_accum']} = global batch {info['global_batch']}; "
                 f"{info['steps_per_epoch']} steps/epoch, {info['total_steps']} steps; "
-                f"~{info['real_tokens_per_step']} real tokens/step (mean {info['mean_caption_tokens']} tokens/caption)",
+                f"~{info['real_tokens_per_step']} real tokens/step (mean {info['mean_caption_tokens']} tokens/caption); "
+                f"{info['precision']}, {'packed' if info['packed'] else 'padded'} batches, {info['attention']} attention",
                 flush=True,
             )
         self.stop.install()

@@ -258,6 +258,26 @@ def test_zero3_compiled_layers_match_eager(pipeline):
         assert abs(a["loss"] - b["loss"]) <= LOSS_ATOL, (a, b)
 
 
+def test_zero3_packed_batches_train_what_padded_batches_train(pipeline):
+    """Packing under ZeRO-3, as jobs/rocov2_large.yaml runs it on GPUs: radtrain's attention forward
+    and per-caption pooling on parameters that DeepSpeed gathers and releases around each module.
+    On CPU the packed rows take the block attention; the run must train what the padded one does."""
+    padded = classify_run(pipeline, ZERO3)
+    packed = _run_once(
+        pipeline, "classify_zero3_packed", ZERO3, "classify", *classify_args(pipeline), "data.packing=on",
+        env=pipeline["nan_env"],
+    )
+    described = json.loads((packed / "summary.json").read_text())["train"]
+    assert described["packed"] and described["attention"] == "radtrain_varlen", described
+    assert not json.loads((padded / "summary.json").read_text())["train"]["packed"]
+    ours, theirs = jsonl(packed / "train_log.jsonl"), jsonl(padded / "train_log.jsonl")
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == LOGGED_STEPS
+    worst = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(ours, theirs, strict=True))
+    assert worst <= LOSS_ATOL, worst
+    for a, b in zip(jsonl(packed / "metrics.jsonl"), jsonl(padded / "metrics.jsonl"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= LOSS_ATOL, (a, b)
+
+
 def _signal_when(proc: subprocess.Popen, train_log: Path, rows: int, deadline_s: float) -> None:
     """SIGTERM the launcher and every worker (as SLURM preemption does) once `rows` steps are logged."""
     deadline = time.monotonic() + deadline_s

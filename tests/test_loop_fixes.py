@@ -95,6 +95,9 @@ def test_mlm_masks_do_not_depend_on_rank_slicing_or_padding(mlm_split):
     assert 0.27 < share < 0.33, share
     as_mask = (everything["input_ids"][targets] == task.mask_token_id).float().mean().item()
     assert 0.75 < as_mask < 0.85, as_mask
+    # The other ~20%: half keep their token, half get a random one (which is rarely the same).
+    unchanged = (everything["input_ids"][targets] == everything["labels"][targets]).float().mean().item()
+    assert 0.07 < unchanged < 0.13, unchanged
     assert len(ids) > 5000  # enough tokens for the shares above to be meaningful
 
 

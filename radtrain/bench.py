@@ -30,6 +30,8 @@ Numbers reported per preset (one JSON row each):
   ones). 6 = 2 FLOPs per parameter per token forward (one multiply-add) + 4 backward; 12 = 3
   (forward + backward) x 2 matmuls (QK^T, AV) x 2 FLOPs per multiply-add. Padding, filler and
   recomputation are not counted: this is useful work, so padding lowers MFU.
+- host_ms_per_step: the part of step_ms the host spends preparing the step's batches (collate,
+  MLM masks, packing, copies to the device): time a GPU sits idle, since a step ends in a sync.
 - ops_per_step: ATen operators one more (untimed) step dispatches, forward, backward and
   optimizer (``radtrain.opcount``): the kernel launches an eager step makes, the figure a
   launch-bound GPU step's time follows; measurable on a CPU. None for compiled presets.
@@ -243,6 +245,9 @@ class Row:
     model_tflops_per_s: float | None
     settings: dict[str, Any] = field(default_factory=dict)
     final_loss: float | None = None
+    host_ms_per_step: float | None = None
+    """Host time per step spent collating, masking (MLM), packing and copying batches to the
+    device, inside step_ms: on a GPU the device waits for it."""
     ops_per_step: int | None = None
     """Operators one step dispatches (radtrain.opcount): its kernel launches; None when compiled."""
     error: str | None = None
@@ -327,7 +332,8 @@ def _observed_trainer_class():
     from radtrain.trainer import Trainer
 
     class ObservedTrainer(Trainer):
-        """The real Trainer; it only records what its collation produced."""
+        """The real Trainer; it only records what its collation produced and how long the host
+        spent preparing each step's batches."""
 
         def _collate(self, split, indices):
             batch = super()._collate(split, indices)
@@ -339,6 +345,14 @@ def _observed_trainer_class():
                 record["computed"] += int(lengths.sum()) if self.packing else int(batch["input_ids"].numel())
                 record["lengths"].append(lengths)
             return batch
+
+        def _host_batches(self, epoch, step_in_epoch, micro):
+            t0 = time.perf_counter()
+            out = super()._host_batches(epoch, step_in_epoch, micro)
+            record = getattr(self, "_bench_record", None)
+            if record is not None:
+                record["host_s"] += time.perf_counter() - t0
+            return out
 
     return ObservedTrainer
 
@@ -378,7 +392,7 @@ class PresetRun:
         self.settings = self._settings(getattr(model.config, "_attn_implementation", None))
         self.error: str | None = None
         self.groups = _step_groups(self.trainer)
-        self.record: dict[str, Any] = {"computed": 0, "lengths": []}
+        self.record: dict[str, Any] = {"computed": 0, "lengths": [], "host_s": 0.0}
         self.elapsed = self.warmup_s = self.total_flops = 0.0
         self.captions = self.real_tokens = self.steps = self.warmup_steps = 0
         self.transient = 0
@@ -508,6 +522,7 @@ class PresetRun:
             model_tflops_per_s=achieved / 1e12 if self.device.type == "cuda" else None,
             settings=self.settings,
             final_loss=float(np.mean(self.losses[-max(1, self.steps // 5):])) if self.losses else None,
+            host_ms_per_step=1000.0 * self.record["host_s"] / max(self.steps, 1),
             ops_per_step=self.ops_per_step,
         )
 
@@ -544,7 +559,7 @@ def format_table(rows: list[Row]) -> str:
     width = max([8, *(len(r.preset) for r in rows)])
     header = (
         f"{'preset':<{width}} {'captions/s':>11} {'x seed':>7} {'real tok/s':>11} {'padding':>8} "
-        f"{'peak MiB':>9} {'step ms':>8} {'warmup s':>9} {'MFU':>6} {'ops/step':>9}"
+        f"{'peak MiB':>9} {'step ms':>8} {'host ms':>8} {'warmup s':>9} {'MFU':>6} {'ops/step':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -556,7 +571,7 @@ def format_table(rows: list[Row]) -> str:
         ops = f"{r.ops_per_step}" if r.ops_per_step is not None else "-"
         lines.append(
             f"{r.preset:<{width}} {r.captions_per_s:>11.1f} {speedup:>7} {r.real_tokens_per_s:>11.0f} "
-            f"{r.padding_fraction:>8.3f} {r.peak_memory_bytes / 2**20:>9.1f} {r.step_ms:>8.1f} "
+            f"{r.padding_fraction:>8.3f} {r.peak_memory_bytes / 2**20:>9.1f} {r.step_ms:>8.1f} {r.host_ms_per_step:>8.2f} "
             f"{r.warmup_s:>9.2f} {mfu:>6} {ops:>9}"
         )
     return "\n".join(lines)

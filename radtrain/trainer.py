@@ -387,10 +387,13 @@ class Trainer:
                         f"stopped on signal {self.stop.signum} at step {st.global_step}; checkpoint saved"
                     )
 
-    def _step(self, epoch: int, step_in_epoch: int, micro: list[np.ndarray]) -> tuple[float, int]:
-        """One optimizer step over the micro global batches in `micro`; this rank trains on its
-        slice of each. Returns (summed loss, items) of the whole step divided by the process count."""
-        cfg, st = self.cfg, self.state
+    def _host_batches(
+        self, epoch: int, step_in_epoch: int, micro: list[np.ndarray]
+    ) -> tuple[list[dict[str, torch.Tensor]], list[bool], int]:
+        """This rank's micro-batches of one step, collated, prepared (MLM masks), packed and on the
+        device; which of them are fillers; and the items (loss terms) of the real ones. Host work the
+        GPU waits for at the start of every step (bench reports it as host ms/step)."""
+        cfg = self.cfg
         batches, fillers, local_items = [], [], 0
         for j, global_batch in enumerate(micro):
             mine = rank_slice(global_batch, self.rank, self.world)
@@ -408,6 +411,13 @@ class Trainer:
             if not fillers[-1]:
                 local_items += self.task.num_items(batch)  # counted on the CPU copy: no device sync
             batches.append(self._to_device(batch))
+        return batches, fillers, local_items
+
+    def _step(self, epoch: int, step_in_epoch: int, micro: list[np.ndarray]) -> tuple[float, int]:
+        """One optimizer step over the micro global batches in `micro`; this rank trains on its
+        slice of each. Returns (summed loss, items) of the whole step divided by the process count."""
+        cfg, st = self.cfg, self.state
+        batches, fillers, local_items = self._host_batches(epoch, step_in_epoch, micro)
         # The loss is normalised by the items of the whole global batch (all micro-batches, all
         # ranks) so that accumulation and the process count do not change the gradient. One
         # all-reduce of a scalar per optimizer step (none, and so no GPU sync, on one process).

@@ -53,6 +53,7 @@ def test_bench_cli_writes_rows(captions, tmp_path, capsys):
         assert row["mfu"] is None  # no GPU here: MFU is only reported against a known GPU peak
         # One more step, counted: forward, backward, clipping and AdamW of a 2-layer model.
         assert isinstance(row["ops_per_step"], int) and 100 < row["ops_per_step"] < 2000
+        assert 0 < row["host_ms_per_step"] < row["step_ms"]  # batch preparation, part of the step
     seed, fast, user = rows
     # The series pads every ROCO caption to 256 tokens: most of what it computes is padding.
     assert seed["padding_fraction"] > 0.6 and seed["settings"]["batch_size"] == 8

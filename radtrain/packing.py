@@ -154,10 +154,10 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     three copies for it).
 
     Bitwise what transformers' ``apply_rotary_pos_emb`` computes (the rotation in fp32, rounded
-    once), in 5 kernels on the (T, hidden) tensors instead of 16, and with bf16 rather than fp32
-    copies saved for backward: ``rotate_half(x) * sin == roll(x, D/2) * sin'`` with the first half
-    of ``sin'`` negated (negation is exact); a bf16 tensor times an fp32 one is computed in fp32
-    inside the kernel, so nothing is upcast on its own; queries and keys go through together.
+    once), in 5 kernels on the (T, hidden) tensors instead of 16: ``rotate_half(x) * sin ==
+    roll(x, D/2) * sin'`` with the first half of ``sin'`` negated (negation is exact); a bf16
+    tensor times an fp32 one is computed in fp32 inside the kernel, so nothing is upcast on its
+    own; queries and keys go through together.
     """
     half = qkv.shape[-1] // 2
     x = qkv[:, :2].transpose(0, 1)  # (2, T, heads, head_dim), a view
@@ -167,6 +167,7 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return (rotated + x * cos[:, None, :]).to(qkv.dtype)
 
 
+@functools.cache
 def _packed_attention_class(base: type) -> type:
     """``base`` (ModernBertAttention) with a forward that computes packed rows itself: rotary on
     queries and keys at once, laid out for the varlen kernel. Padded batches take base's forward.
@@ -174,6 +175,8 @@ def _packed_attention_class(base: type) -> type:
     every layer and reuses one graph across them."""
 
     class PackedModernBertAttention(base):
+        _radtrain_packed = True
+
         def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
             cu_seqlens = kwargs.get("cu_seq_lens_q")
             if cu_seqlens is None:
@@ -194,7 +197,6 @@ def _packed_attention_class(base: type) -> type:
     return PackedModernBertAttention
 
 
-_PACKED_CLASSES: dict[type, type] = {}
 _ATTENTION_PARTS = ("Wqkv", "Wo", "out_drop", "head_dim", "sliding_window")
 
 
@@ -205,11 +207,7 @@ def _give_packed_forward(module) -> bool:
         return True
     if not all(hasattr(module, part) for part in _ATTENTION_PARTS):
         return False
-    base = type(module)
-    if base not in _PACKED_CLASSES:
-        _PACKED_CLASSES[base] = _packed_attention_class(base)
-        _PACKED_CLASSES[base]._radtrain_packed = True
-    module.__class__ = _PACKED_CLASSES[base]
+    module.__class__ = _packed_attention_class(type(module))
     return True
 
 

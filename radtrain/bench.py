@@ -489,7 +489,8 @@ class PresetRun:
         from radtrain.opcount import OpCounter
 
         self._activate()
-        with OpCounter() as counter:
+        # On a GPU, the operators that launch work on it (not the host's batch preparation).
+        with OpCounter(None if self.device.type == "cpu" else self.device.type) as counter:
             for _ in range(n):
                 self.trainer._step(*next(self.groups))
         self.ops_per_step = round(counter.total / n)

@@ -15,7 +15,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Operators that return an alias of their input without computing (not flagged as views).
 _ALIASES = {"detach", "_unsafe_view", "alias", "lift_fresh"}
@@ -23,16 +25,25 @@ _ALIASES = {"detach", "_unsafe_view", "alias", "lift_fresh"}
 
 class OpCounter(TorchDispatchMode):
     """Counts the computing ATen operators dispatched while active (backward passes included),
-    by operator name."""
+    by operator name. With ``device_type`` ("cuda"), only operators that touch a tensor on such a
+    device: the host's own work on CPU tensors (packing a batch, say) launches no kernel."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str | None = None) -> None:
         super().__init__()
+        self.device_type = device_type
         self.counts: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ not in _ALIASES:
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket.__name__ not in _ALIASES and self._on_device(args, kwargs, out):
             self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+        return out
+
+    def _on_device(self, args, kwargs, out) -> bool:
+        if self.device_type is None:
+            return True
+        leaves = tree_leaves((args, kwargs, out))
+        return any(isinstance(x, torch.Tensor) and x.device.type == self.device_type for x in leaves)
 
     @property
     def total(self) -> int:

@@ -1,0 +1,22 @@
+"""radtrain.opcount: the operators a step dispatches, the stand-in for its kernel launches."""
+
+from __future__ import annotations
+
+import torch
+
+from radtrain.opcount import OpCounter, count_ops
+
+
+def test_computing_operators_are_counted_views_are_not():
+    x = torch.randn(4, 6)
+    counts = count_ops(lambda: (x.view(6, 4).t().reshape(4, 6) * 2 + 1).detach().sum())
+    # view, t, reshape of a contiguous-compatible view, detach: no kernel. mul, add, sum: three.
+    assert dict(counts) == {"mul": 1, "add": 1, "sum": 1}
+
+
+def test_backward_is_counted_and_a_device_filter_skips_host_work():
+    w = torch.randn(3, 3, requires_grad=True)
+    with OpCounter() as everything, OpCounter("cuda") as on_gpu:
+        (w @ w).sum().backward()
+    assert everything.counts["mm"] == 3  # one forward, two for the gradient
+    assert on_gpu.total == 0  # nothing here touched a CUDA tensor: no launches to count

@@ -19,8 +19,8 @@ know where captions start:
 With ``radtrain_varlen`` the attention modules also get a forward of radtrain's for packed rows
 (``PackedModernBertAttention``): the rotary embedding of queries and keys in one pass, bitwise
 what transformers computes, laid out as the varlen kernel reads them. transformers' forward
-launches 16 kernels for the rotary and 3 copies for the layout per layer; the step is
-launch-bound on a GPU (docs/benchmarks.md), and kernels are what it waits on.
+launches 16 kernels for the rotary per layer (bf16) and copies queries and keys for the varlen
+kernel; the step is launch-bound on a GPU (docs/benchmarks.md), and kernels are what it waits on.
 
 ``radtrain_varlen`` is plain SDPA for padded batches (evaluation always pads), so a model set to
 it computes exactly what the default ``sdpa`` model computes. The attention choice is a runtime
@@ -154,17 +154,19 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     three copies for it).
 
     Bitwise what transformers' ``apply_rotary_pos_emb`` computes (the rotation in fp32, rounded
-    once), in 5 kernels on the (T, hidden) tensors instead of 16: ``rotate_half(x) * sin ==
+    once), in 5 operators on the (T, hidden) tensors (roll, two products, sum, cast) and 2-3 on
+    the small (T, head_dim) sine where transformers' takes 16 in bf16: ``rotate_half(x) * sin ==
     roll(x, D/2) * sin'`` with the first half of ``sin'`` negated (negation is exact); a bf16
     tensor times an fp32 one is computed in fp32 inside the kernel, so nothing is upcast on its
-    own; queries and keys go through together.
+    own; queries and keys go through together. cos and sin are taken to fp32 first: transformers
+    hands them over in the weights' dtype (bf16 under DeepSpeed's bf16), and upcasts q and k.
     """
     half = qkv.shape[-1] // 2
     x = qkv[:, :2].transpose(0, 1)  # (2, T, heads, head_dim), a view
-    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
+    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).float()[:, None, :]
     rotated = torch.roll(x, half, dims=-1) * signed_sin  # roll allocates contiguous (2, T, H, D)
     # The contiguous operand first: the sum takes its layout, not x's (T, 2, H, D) strides.
-    return (rotated + x * cos[:, None, :]).to(qkv.dtype)
+    return (rotated + x * cos.float()[:, None, :]).to(qkv.dtype)
 
 
 @functools.cache
@@ -300,11 +302,6 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
             "data.packed_attention=blocks runs SDPA on caption blocks; it cannot use "
             "model.attn_implementation=flash_attention_2 (unset it, or use data.packed_attention=varlen)"
         )
-    if _attention_dropout(model):
-        raise ConfigError(
-            f"data.packing=on: this model's config sets attention_dropout={_attention_dropout(model)}, which the packed "
-            "attention does not apply; use data.packing=off (or a config with attention_dropout=0)"
-        )
     half = mixed_precision in ("bf16", "fp16")
     if attention == "varlen" and not (torch.cuda.is_available() and half and (flash_attn_installed() or torch_varlen_kernel())):
         raise ConfigError(
@@ -315,6 +312,12 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
     if name is None:
         flash = torch.cuda.is_available() and half and flash_attn_installed() and attention != "blocks"
         name = "flash_attention_2" if flash else ATTN_NAME
+    if name == ATTN_NAME and _attention_dropout(model):
+        raise ConfigError(
+            f"data.packing=on: this model's config sets attention_dropout={_attention_dropout(model)}, which radtrain's "
+            "packed attention does not apply (flash-attn's does); use data.packing=off, flash-attn, or a config with "
+            "attention_dropout=0"
+        )
     if name == ATTN_NAME:
         register()
     flagged = stock = 0
@@ -349,8 +352,8 @@ def resolve(setting: str, model, device: torch.device, mixed_precision: str, att
         return True
     if device.type != "cuda" or mixed_precision not in ("bf16", "fp16") or not supports_packing(model):
         return False
-    if _attention_dropout(model):  # the packed attention has none; padded batches apply it
-        return False
+    if _attention_dropout(model) and attn_implementation != "flash_attention_2":
+        return False  # radtrain's packed attention applies no dropout (flash-attn's does); padded batches do
     if attn_implementation not in (None, "flash_attention_2", ATTN_NAME):
         return False
     return flash_attn_installed() or torch_varlen_kernel()

@@ -42,8 +42,12 @@ def _step(model, batch, dtype):
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_qk_is_transformers_rotary_bitwise(dtype):
+@pytest.mark.parametrize(
+    "dtype, rotary_dtype",
+    # bf16 q/k with fp32 cos/sin: autocast; with bf16 cos/sin: bf16 weights (DeepSpeed's bf16).
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)],
+)
+def test_rotary_qk_is_transformers_rotary_bitwise(dtype, rotary_dtype):
     config = _model().config
     rotary = modeling_modernbert.ModernBertRotaryEmbedding(config)
     total, heads, dim = sum(LENGTHS), 4, 16
@@ -51,7 +55,8 @@ def test_rotary_qk_is_transformers_rotary_bitwise(dtype):
     positions = _packed_batch()["position_ids"]
     assert positions.shape == (1, total)
     for layer_type in ("full_attention", "sliding_attention"):
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions, layer_type)  # fp32, as under autocast
+        cos, sin = rotary(torch.zeros(1, dtype=rotary_dtype), positions, layer_type)  # in the hidden states' dtype
+        assert cos.dtype == rotary_dtype
         # transformers' layout: (batch, heads, tokens, head_dim) views of Wqkv's output.
         q, k = (qkv[:, i].transpose(0, 1).unsqueeze(0) for i in (0, 1))
         want_q, want_k = modeling_modernbert.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
@@ -90,13 +95,16 @@ def test_packed_forward_matches_transformers_forward_with_fewer_ops(dtype):
     assert ops <= ref_ops - 4 * saved_per_layer, (ops, ref_ops)
 
 
-def test_packing_refuses_a_model_with_attention_dropout():
-    """The packed attention applies no dropout: packing a model whose config asks for it would
-    silently train another model."""
+def test_packing_refuses_a_model_with_attention_dropout(monkeypatch):
+    """radtrain's packed attention applies no dropout: packing a model whose config asks for it
+    would silently train another model."""
     from radtrain.config import ConfigError
 
     model = _model()
     model.config.attention_dropout = 0.1
     with pytest.raises(ConfigError, match="attention_dropout=0.1"):
         packing.enable(model, None, "no", "auto")
+    # packing=auto on a GPU with a varlen kernel (this CPU has none: the probe says it has) pads it.
+    monkeypatch.setattr(packing, "torch_varlen_kernel", lambda: True)
     assert not packing.resolve("auto", model, torch.device("cuda"), "bf16", None)
+    assert packing.resolve("auto", _model(), torch.device("cuda"), "bf16", None)  # without dropout: packs

@@ -5,7 +5,8 @@ At ROCO caption lengths an eager GPU step is launch-bound: on an H100 the step t
 number of kernels, not the FLOPs, and the GPU sat idle half of each step (docs/benchmarks.md).
 Every ATen operator that computes something launches at least one kernel, so the operator count of
 a step is a deterministic stand-in for its launches that a CPU run (and a test) can measure.
-Views and aliases (``view``, ``transpose``, ``detach``...) launch nothing and are not counted. Work
+Views, aliases (``view``, ``transpose``, ``detach``...) and bare allocations (``empty``) launch
+nothing and are not counted. Work
 compiled by ``torch.compile`` runs Inductor's own fused kernels, which this does not see.
 """
 
@@ -19,8 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-# Operators that return an alias of their input without computing (not flagged as views).
-_ALIASES = {"detach", "_unsafe_view", "alias", "lift_fresh"}
+# Operators that launch no kernel: aliases of their input (not flagged as views) and bare allocations.
+_NO_KERNEL = {"detach", "_unsafe_view", "alias", "lift_fresh", "empty", "empty_like", "empty_strided"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -35,7 +36,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view and func.overloadpacket.__name__ not in _ALIASES and self._on_device(args, kwargs, out):
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL and self._on_device(args, kwargs, out):
             self.counts[func.overloadpacket.__name__] += 1
         return out
 

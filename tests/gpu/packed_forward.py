@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs:
                 run.attempt("run", args.steps // args.rounds + (1 if r < args.steps % args.rounds else 0))
         for run in runs:
-            run.attempt("count_ops", 1)
+            run.count_ops(1)
         rows = [run.row() for run in runs]
     print(format_table(rows))
     ours, stock = rows

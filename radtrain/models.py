@@ -207,16 +207,25 @@ def use_compile_cache(directory: Path) -> Path:
     Inductor's default, /tmp/torchinductor_<user>, is node-local on a cluster: every array task
     and every requeued job landing on a fresh node compiled from cold. Measured on CPU
     (``scratch:small``, layer by layer, tests/gpu/compile_time.py): first step 33.2 s from an
-    empty cache, 7.7 s from a filled one (Dynamo still traces; Inductor's codegen is skipped)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
+    empty cache, 7.7 s from a filled one (Dynamo still traces; Inductor's codegen is skipped).
+    Inductor takes file locks in the folder: on a filesystem without working locks (some Lustre
+    or NFS mounts) set $TORCHINDUCTOR_CACHE_DIR to a local disk instead."""
     global _compile_cache_set
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # a private module: if a torch release moves it, leave the choice to torch
+        return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "."))
     # Importing torch._dynamo already wrote Inductor's default into the variable: that value, or
     # one set here for an earlier run in this process, is not the user's choice.
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    wanted = os.path.abspath(directory)  # how Inductor writes it back
     if current is None or os.path.abspath(current) in (os.path.abspath(default_cache_dir()), _compile_cache_set):
-        _compile_cache_set = str(Path(directory).absolute())
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _compile_cache_set
+        if current is not None and os.path.abspath(current) != wanted:
+            from torch._inductor.utils import clear_caches
+
+            clear_caches()  # some cache paths are memoised per process (as torch's own fresh_cache does)
+        _compile_cache_set = wanted
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = wanted
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 

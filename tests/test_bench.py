@@ -256,12 +256,13 @@ def test_packed_mlm_matches_padded(captions, tmp_path):
     assert float((packed["grad"] - padded["grad"]).norm() / padded["grad"].norm()) < 1e-5
 
 
-def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path):
+def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path, monkeypatch):
     """train.compile=true on packed batches: the same maths as eager, and the same dynamic graphs
     for batches of other lengths and caption counts (a static first graph would be recompiled at the
     next step's length), whether or not a batch has captions longer than the local window."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # a user's choice would win
     torch._dynamo.reset()
     counters.clear()
     packed = ["data.packing=on", "train.precision=fp32", "model.name=scratch:small"]  # 4 layers
@@ -288,6 +289,24 @@ def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path
     assert graphs == [3, 3, 3], graphs
     # Inductor's caches went to radtrain's cache folder (data.cache_dir), which a cluster's nodes share.
     assert any((tmp_path / "cache" / "inductor").rglob("*.py")), "no compiled code in the radtrain cache"
+
+
+def test_compile_cache_follows_relative_cache_dirs(tmp_path, monkeypatch):
+    """data.cache_dir=../x: Inductor writes the folder back normalised (os.path.abspath); a second
+    run in the process must still move it, not take radtrain's own earlier value for the user's."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    from radtrain.models import use_compile_cache
+
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    use_compile_cache(Path("../a/inductor"))
+    assert cache_dir() == str(tmp_path / "a" / "inductor")  # Inductor's own reading (and rewrite)
+    use_compile_cache(Path("../b/inductor"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "b" / "inductor")
 
 
 def test_compile_caches_live_in_radtrain_cache_unless_the_user_chose(captions, tmp_path, monkeypatch):

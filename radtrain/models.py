@@ -200,9 +200,10 @@ def source_config(cfg: ModelConfig):
         ) from exc
 
 
-def use_compile_cache(directory: Path) -> Path:
+def use_compile_cache(directory: Path) -> str | None:
     """Keep torch.compile's caches (Inductor's FX graphs, AOTAutograd's, Triton's kernels) in
-    ``directory``, unless $TORCHINDUCTOR_CACHE_DIR chooses already; returns the folder in use.
+    ``directory``, unless $TORCHINDUCTOR_CACHE_DIR chooses already; returns the folder in use
+    (None: torch's own default).
 
     Inductor's default, /tmp/torchinductor_<user>, is node-local on a cluster: every array task
     and every requeued job landing on a fresh node compiled from cold. Measured on CPU
@@ -214,7 +215,7 @@ def use_compile_cache(directory: Path) -> Path:
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # a private module: if a torch release moves it, leave the choice to torch
-        return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "."))
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # Importing torch._dynamo already wrote Inductor's default into the variable: that value, or
     # one set here for an earlier run in this process, is not the user's choice.
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -226,7 +227,7 @@ def use_compile_cache(directory: Path) -> Path:
             clear_caches()  # some cache paths are memoised per process (as torch's own fresh_cache does)
         _compile_cache_set = wanted
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = wanted
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 _compile_cache_set: str | None = None

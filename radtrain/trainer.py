@@ -166,7 +166,7 @@ class Trainer:
         self.attention = getattr(model.config, "_attn_implementation", None)
         if cfg.train.compile:
             cache = models.use_compile_cache(cache_root(cfg.data.cache_dir) / "inductor")
-            log.info("torch.compile caches: %s", cache)
+            log.info("torch.compile caches: %s", cache or "torch's default folder")
             # Padded batches: the first shape is compiled static, later ones share one dynamic graph.
             # Packed batches change length at every step, so a static first graph is always thrown
             # away: compile the dynamic one at once.

@@ -34,7 +34,8 @@ def _packed_batch() -> dict:
 
 def _step(model, batch, dtype):
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         logits = model(**packing.model_inputs(batch)).logits
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["labels"], reduction="sum")
     loss.backward()
@@ -93,6 +94,34 @@ def test_packed_forward_matches_transformers_forward_with_fewer_ops(dtype):
     # input copies of queries and keys go too.
     saved_per_layer = 12 if dtype == torch.float32 else 20
     assert ops <= ref_ops - 4 * saved_per_layer, (ops, ref_ops)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_packed_forward_matches_transformers_forward_with_fewer_launches():
+    """On a GPU, in bf16 autocast, both forwards run PyTorch's varlen flash kernel: the forward is
+    bitwise the same; gradients agree to the kernel's run-to-run noise (its backward may
+    accumulate in parallel); radtrain's launches fewer kernels (no fp32 copies of queries and
+    keys, no layout copies of them)."""
+    if not packing.torch_varlen_kernel():
+        pytest.skip("no varlen kernel in this torch (needs >= 2.10)")
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _packed_batch().items()}
+    ours, stock = _model().cuda(), _model().cuda()
+    for model in (ours, stock):
+        packing.enable(model, None, "bf16", "auto")
+    assert packing.use_stock_attention_forward(stock) == 4
+    results = {}
+    for name, model in (("ours", ours), ("stock", stock)):
+        _step(model, batch, torch.bfloat16)  # warm-up: kernel selection, allocator
+        with OpCounter("cuda") as counter:
+            logits, grads = _step(model, batch, torch.bfloat16)
+        results[name] = (logits, grads, counter.total)
+    (logits, grads, ops), (ref_logits, ref_grads, ref_ops) = results["ours"], results["stock"]
+    assert torch.equal(logits, ref_logits)
+    for name, grad in ref_grads.items():
+        error = float((grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12))
+        assert error < 1e-2, (name, error)
+    assert ops <= ref_ops - 4 * 20, (ops, ref_ops)
 
 
 def test_packing_refuses_a_model_with_attention_dropout(monkeypatch):

@@ -10,6 +10,8 @@
 # limit, and a step that would start with less than half of it (or 20 s) of BUDGET left is skipped,
 # so a lease that runs short still returns what was measured:
 #   versions        card, driver, torch/CUDA, transformers, accelerate, deepspeed, flash-attn
+#   maths           the CUDA tests: packed batches (varlen and blocks) = the padded batch in bf16;
+#                   radtrain's packed attention forward = transformers' on the varlen kernel
 #   compile_time    cold start and step time, eager vs compiled layer by layer (batch 512, base),
 #                   and the warm start from a filled Inductor cache
 #   compile         `radtrain bench`, base: seed, batch 512 eager vs compiled, batch 128 compiled
@@ -20,7 +22,6 @@
 #   cls_b1024       batch 1024 eager and compiled (own process)
 #   cls_large       the ModernBERT-large shape: seed, batch 512 eager and compiled
 #   mlm_base        the MLM phase (real tokens/s), eager and compiled
-#   maths           the CUDA tests: packed batches (varlen and blocks) = the padded batch in bf16
 #   zero            plain vs ZeRO-2 vs ZeRO-3, ModernBERT-large shape, through `accelerate launch`
 #   profile         where the time of a batch-512 step goes (GPU busy vs idle, top kernels)
 # Everything lands in $OUT/results.tar (one JSON and one log per step, appended as each step ends)
@@ -92,6 +93,9 @@ export -f versions bench
 export DATA WORK PY
 step versions 60 versions || { echo "versions failed: stopping before the benchmarks"; exit 3; }
 B=data.packed_attention=blocks
+# The maths first: a benchmark of a path that computes something else would be worthless.
+step maths 90 "$PY" -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
+  tests/test_packed_attention.py -k "cuda or seed_loss or real_step or mlm or rotary"
 # First the open question of 2026-11-27: what compiling layer by layer costs (cold start) and gains.
 step compile_time 260 "$PY" tests/gpu/compile_time.py --data "$DATA" --model "$BASE" --batch 512 --steps 10 \
   --modes eager,layers,layers --timeout 90 --out "$WORK/compile_time.json"
@@ -112,8 +116,6 @@ step cls_large 150 bench cls_large --model "$LARGE" --steps $((STEPS * 2 / 3 > 2
   --variant b512_compiled:train.batch_size=512,train.compile=true
 step mlm_base 150 bench mlm_base --task mlm --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 \
   --presets seed --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true
-step maths 90 "$PY" -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
-  -k "cuda or seed_loss or real_step or mlm or compiled"
 step zero 260 "$PY" tests/gpu/bench_zero.py --data "$DATA" --steps 30 --timeout 110 --work "$WORK/zero" \
   --out "$WORK/zero.json"
 step profile 90 "$PY" tests/gpu/profile_step.py --data "$DATA" --model "$BASE" --warmup 5 --steps 5 \

@@ -253,15 +253,20 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.root)
-            self._rotate()
+            self._rotate(state.global_step)
         accelerator.wait_for_everyone()
         self.last_saved_step = state.global_step
         return final
 
-    def _rotate(self) -> None:
-        """Keep the newest ``keep`` complete checkpoints. Only ``checkpoints/`` is touched: ``best/``
-        is a separate export and never rotated."""
-        complete = self.complete_checkpoints()
+    def _rotate(self, written_step: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints up to the one just written. Only
+        ``checkpoints/`` is touched: ``best/`` is a separate export and never rotated.
+
+        A checkpoint of a later step can only be one that failed to load when this run resumed
+        from an older one: it neither counts nor is deleted here (training overwrites it when it
+        reaches that step). Counting it would let a corrupt checkpoint push out the one just
+        written (with keep=1, every good checkpoint)."""
+        complete = [c for c in self.complete_checkpoints() if c.step <= written_step]
         for old in complete[self.keep :]:
             shutil.rmtree(old.path, ignore_errors=True)
         # Leftovers of writes that were killed.

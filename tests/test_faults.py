@@ -414,6 +414,27 @@ def test_partial_checkpoints_are_never_listed(reference, tmp_path):
     assert complete_steps(run) == []
 
 
+def test_a_newer_checkpoint_that_failed_to_load_never_pushes_out_the_one_just_written(tmp_path):
+    """After a resume fell back past a corrupt newest checkpoint (step 30), the run saves older
+    steps again. Rotation must keep what it just wrote: with keep=1 it used to keep the corrupt
+    step 30 and delete every good checkpoint, so the next start could resume from nothing."""
+    from accelerate import Accelerator
+
+    from radtrain.checkpoint import TrainerState
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    ckpt = CheckpointManager(tmp_path / "run", "fp", 1, keep=1)
+    ckpt.save(accelerator, TrainerState(global_step=30))  # stands in for the corrupt newest one
+    ckpt.save(accelerator, TrainerState(global_step=24))  # the resumed run's next saves
+    assert complete_steps(tmp_path / "run") == [24, 30]
+    ckpt.save(accelerator, TrainerState(global_step=28))
+    assert complete_steps(tmp_path / "run") == [28, 30]  # 24 rotated out, 28 kept; 30 left to be overwritten
+    ckpt.save(accelerator, TrainerState(global_step=30))  # reaching step 30 replaces it
+    assert complete_steps(tmp_path / "run") == [30]
+
+
 def test_resume_state_loads_without_unpickling(reference):
     """Every pickle in a checkpoint loads with weights_only=True (accelerate allow-lists only the
     numpy types of the RNG state), and the weights are safetensors."""

@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="metrics of an exported model on a split")
     ev.add_argument("--model", required=True, help="an export directory (a run's best/)")
-    ev.add_argument("--data", help="data source (default: the one the model was trained on)")
+    ev.add_argument(
+        "--data",
+        help="data source (default: the one the model was trained on, cut into the run's splits); "
+        "any other single file is a held-out set: every caption of it is scored",
+    )
     ev.add_argument("--split", default="test", choices=("train", "validation", "test"))
     ev.add_argument("--output", help="write the metrics as JSON here")
     ev.add_argument("--threshold", type=float, help="override the export's decision thresholds")

@@ -7,7 +7,7 @@ from typing import Any
 
 from radtrain.config import ConfigError, RunConfig, load_config
 from radtrain.data.labels import LabelSpace
-from radtrain.data.sources import load_splits
+from radtrain.data.sources import load_file, load_splits
 from radtrain.export import LABELS_FILE, read_meta
 from radtrain.io import write_json
 
@@ -37,19 +37,34 @@ def evaluate_model(
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model {model_dir}: not a model directory (no config.json); pass a run's best/")
     cfg = export_config(model_dir, source, overrides)
-    splits = load_splits(cfg.data)
-    if split not in splits:
-        raise ConfigError(f"split {split!r} not found in {cfg.data.source}; available: {sorted(splits)}")
+    if _held_out_file(model_dir, source):
+        # A file of its own, not the run's data: every caption of it is scored (cutting it into the
+        # run's train/test shares would score a tenth of it; the run's sample caps do not apply).
+        captions = load_file(cfg.data)
+    else:
+        splits = load_splits(cfg.data)
+        if split not in splits:
+            raise ConfigError(f"split {split!r} not found in {cfg.data.source}; available: {sorted(splits)}")
+        captions = splits[split]
     label_space = LabelSpace.load(model_dir / LABELS_FILE)
     accelerator = make_accelerator(resolve_precision(cfg.train.precision), 1)
     tokenizer = load_tokenizer(str(model_dir))
-    tokenized = tokenize_split(tokenizer, splits[split], cfg, label_space, split)
+    tokenized = tokenize_split(tokenizer, captions, cfg, label_space, split)
     metrics = evaluate_export(model_dir, tokenized, accelerator, cfg, threshold=threshold)
     if accelerator.is_main_process:
+        print(f"{split}: {len(tokenized)} captions from {captions.origin}")
         for key, value in metrics.items():
             print(f"{split}/{key}: {value:.6f}")
         if output:
             output = Path(output)
             output.parent.mkdir(parents=True, exist_ok=True)
-            write_json(output, {"split": split, "model": str(model_dir), **metrics})
+            write_json(output, {"split": split, "model": str(model_dir), "captions": len(tokenized), **metrics})
     return metrics
+
+
+def _held_out_file(model_dir: Path, source: str | None) -> bool:
+    """--data names a single file other than the one the model was trained on."""
+    if not source or not Path(source).expanduser().is_file():
+        return False
+    trained_on = read_meta(model_dir).get("data", {}).get("source")
+    return not trained_on or Path(source).expanduser().resolve() != Path(trained_on).expanduser().resolve()

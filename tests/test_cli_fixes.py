@@ -132,6 +132,19 @@ def test_evaluate_reproduces_the_runs_test_figures(capped_run, tmp_path, monkeyp
         assert metrics[key] == pytest.approx(value, abs=1e-6), key
 
 
+def test_evaluate_scores_every_caption_of_a_held_out_file(capped_run, tmp_path, monkeypatch):
+    """--data naming another single file: all of it is scored, not the run's 10% test cut of it
+    (and not the run's max_eval_samples); the run's own file still gives the run's test split."""
+    best = capped_run / "run" / "best"
+    held_out = write_roco_slice(tmp_path / "held_out.jsonl", 60, start=2000)
+    monkeypatch.setenv("RADTRAIN_CACHE", str(capped_run / "cache"))
+    assert main(["evaluate", "--model", str(best), "--data", str(held_out), "--output", str(tmp_path / "h.json")]) == 0
+    assert json.loads((tmp_path / "h.json").read_text())["captions"] == 60
+    own = capped_run / "roco.jsonl"
+    assert main(["evaluate", "--model", str(best), "--data", str(own), "--output", str(tmp_path / "o.json")]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["captions"] == 17  # the run's capped test split
+
+
 def test_predict_threshold_override_replaces_the_rule(capped_run, capsys):
     best = str(capped_run / "run" / "best")
     assert main(["predict", "--model", best, "--threshold", "0.0", "CT of the chest"]) == 0

@@ -324,6 +324,19 @@ def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
     return splits
 
 
+def load_file(cfg: DataConfig, need_labels: bool = True) -> Split:
+    """Every caption of the one file ``cfg.source`` as a single split (no train/test cut): a
+    held-out file to evaluate."""
+    source = Path(cfg.source).expanduser()
+    if not source.is_file():
+        raise DataError(f"data.source={cfg.source!r}: no such file")
+    columns = [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
+    split = _collect(_rows(source, columns + list(ID_COLUMNS)), cfg, str(source), need_labels)
+    if len(split) == 0:
+        raise DataError(f"{source}: no usable captions (no rows, or every {cfg.text_column!r} empty or not a string)")
+    return split
+
+
 def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
     """Return {'train', 'validation', 'test'} splits for ``cfg.source``.
 

@@ -15,7 +15,7 @@ import torch
 
 from radtrain.config import ConfigError
 from radtrain.data.labels import LabelSpace
-from radtrain.data.sources import DataError
+from radtrain.data.sources import FILE_SUFFIXES, DataError, read_rows
 from radtrain.export import LABELS_FILE, read_meta, read_thresholds
 from radtrain.thresholds import apply_thresholds, threshold_vector
 
@@ -64,7 +64,8 @@ class Predictor:
         out = []
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
-                texts[start : start + batch_size], truncation=True, max_length=self.max_length,
+                # Stripped as training and evaluation strip every caption (data/sources.py).
+                [text.strip() for text in texts[start : start + batch_size]], truncation=True, max_length=self.max_length,
                 padding=True, return_tensors="pt",
             ).to(self.device)
             logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
@@ -88,9 +89,13 @@ class Predictor:
 
 
 def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
-    """Texts from a .jsonl file (field ``text_column`` or ``text``) or a plain text file (one per
+    """Texts from a .jsonl file (field ``text_column`` or ``text``), a .json/.csv/.tsv/.parquet
+    file (the same field, read as training reads these), or any other file as plain text (one per
     line). Unreadable or malformed input raises DataError (exit 2) naming the file and line."""
     path = Path(path)
+    if path.suffix.lower() in FILE_SUFFIXES and path.suffix.lower() != ".jsonl":
+        yield from _table_texts(path, text_column)
+        return
     try:
         handle = path.open(encoding="utf-8")
     except OSError as exc:
@@ -114,6 +119,16 @@ def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
                 yield text
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: line {number + 1} is not UTF-8 text ({exc.reason})") from exc
+
+
+def _table_texts(path: Path, text_column: str) -> Iterator[str]:
+    if not path.is_file():
+        raise DataError(f"--input {path}: no such file")
+    for where, row in read_rows(path, [text_column, "text"]):
+        text = row.get(text_column, row.get("text"))
+        if not isinstance(text, str):
+            raise DataError(f"{where}: no string field {text_column!r} or 'text' (fields: {sorted(row)})")
+        yield text
 
 
 def predict_lines(model_dir: str | Path, texts: Iterable[str], threshold: float | None = None,

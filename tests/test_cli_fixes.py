@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 
+import numpy as np
 import pytest
 from conftest import PYTHON, TINY, subprocess_env, write_roco_slice
 
@@ -143,6 +144,21 @@ def test_evaluate_scores_every_caption_of_a_held_out_file(capped_run, tmp_path, 
     own = capped_run / "roco.jsonl"
     assert main(["evaluate", "--model", str(best), "--data", str(own), "--output", str(tmp_path / "o.json")]) == 0
     assert json.loads((tmp_path / "o.json").read_text())["captions"] == 17  # the run's capped test split
+
+
+def test_predict_reads_csv_input_as_training_does_and_strips_texts(capped_run, tmp_path, capsys):
+    """A .csv --input was read as raw lines (the header and quoted commas became captions); texts
+    were not stripped, though training strips every caption (other tokens, other predictions)."""
+    from radtrain.predict import Predictor
+
+    best = str(capped_run / "run" / "best")
+    table = tmp_path / "in.csv"
+    table.write_text('caption,cui\n"Axial CT, chest",C1\nChest radiograph.,C2\n', encoding="utf-8")
+    assert main(["predict", "--model", best, "--threshold", "0.0", "--input", str(table)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in rows] == ["Axial CT, chest", "Chest radiograph."]
+    probs = Predictor(best).probabilities(["Axial CT of the chest.", "  Axial CT of the chest.\n"])
+    np.testing.assert_allclose(probs[0], probs[1], rtol=0, atol=1e-6)  # rows of one batch: same tokens now
 
 
 def test_predict_threshold_override_replaces_the_rule(capped_run, capsys):

@@ -171,6 +171,12 @@ def _require_columns(where: Any, existing: Iterable[str], wanted: list[str]) -> 
         )
 
 
+def read_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of a .jsonl/.json/.csv/.tsv/.parquet file, as training reads it; ``columns``
+    are the ones a parquet file needs to read (the first must exist)."""
+    return _rows(Path(path), columns)
+
+
 def _rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

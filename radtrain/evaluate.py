@@ -47,12 +47,15 @@ def evaluate_model(
             raise ConfigError(f"split {split!r} not found in {cfg.data.source}; available: {sorted(splits)}")
         captions = splits[split]
     label_space = LabelSpace.load(model_dir / LABELS_FILE)
-    accelerator = make_accelerator(resolve_precision(cfg.train.precision), 1)
+    # The run's own precision (older exports: train.precision as resolved here).
+    precision = read_meta(model_dir).get("precision") or resolve_precision(cfg.train.precision)
+    accelerator = make_accelerator(precision, 1)
     tokenizer = load_tokenizer(str(model_dir))
     tokenized = tokenize_split(tokenizer, captions, cfg, label_space, split)
     metrics = evaluate_export(model_dir, tokenized, accelerator, cfg, threshold=threshold)
     if accelerator.is_main_process:
-        print(f"{split}: {len(tokenized)} captions from {captions.origin}")
+        shown = "fp32" if precision == "no" else precision
+        print(f"{split}: {len(tokenized)} captions from {captions.origin}, {shown} as the run evaluated")
         for key, value in metrics.items():
             print(f"{split}/{key}: {value:.6f}")
         if output:

@@ -264,6 +264,9 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         },
         "eval_batch_size": cfg.train.eval_batch_size or cfg.train.batch_size,
         "threshold": cfg.train.threshold,
+        # The precision the run's test evaluation used, as accelerate names it ('no' = fp32), so
+        # that `radtrain evaluate` computes the same logits (a GPU's 'auto' would otherwise be bf16).
+        "precision": accelerator.mixed_precision,
     }
 
     best_metric = cfg.train.metric_for_best if phase == "classify" else task.default_metric

@@ -146,6 +146,28 @@ def test_evaluate_scores_every_caption_of_a_held_out_file(capped_run, tmp_path, 
     assert json.loads((tmp_path / "o.json").read_text())["captions"] == 17  # the run's capped test split
 
 
+def test_evaluate_uses_the_precision_the_run_evaluated_in(capped_run, tmp_path, monkeypatch, capsys):
+    """On a GPU train.precision=auto is bf16: an fp32 run's export was re-evaluated in bf16 and
+    gave other figures than the run's. The export records the precision; evaluate uses it."""
+    import shutil
+
+    best = tmp_path / "best"
+    shutil.copytree(capped_run / "run" / "best", best)
+    meta = json.loads((best / "radtrain.json").read_text())
+    assert meta["precision"] == "no"  # this CPU run trained and tested in fp32
+    monkeypatch.setenv("RADTRAIN_CACHE", str(capped_run / "cache"))
+    assert main(["evaluate", "--model", str(best)]) == 0
+    assert "fp32 as the run evaluated" in capsys.readouterr().out
+    (best / "radtrain.json").write_text(json.dumps({**meta, "precision": "bf16"}))  # as a GPU run writes it
+    # A process of its own: accelerate's precision is fixed once per process.
+    done = subprocess.run(
+        [PYTHON, "-m", "radtrain", "evaluate", "--model", str(best)], capture_output=True, text=True, timeout=300,
+        env=subprocess_env(RADTRAIN_CACHE=str(capped_run / "cache")),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bf16 as the run evaluated" in done.stdout
+
+
 def test_predict_reads_csv_input_as_training_does_and_strips_texts(capped_run, tmp_path, capsys):
     """A .csv --input was read as raw lines (the header and quoted commas became captions); texts
     were not stripped, though training strips every caption (other tokens, other predictions)."""

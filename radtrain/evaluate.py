@@ -12,9 +12,10 @@ from radtrain.export import LABELS_FILE, read_meta
 from radtrain.io import write_json
 
 
-def export_config(model_dir: Path, source: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """The data settings the export was trained with, so splits and padding match the run."""
-    data = read_meta(model_dir).get("data", {})
+def export_config(meta: dict[str, Any], source: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """The data settings the export was trained with (its radtrain.json), so splits and padding
+    match the run."""
+    data = meta.get("data", {})
     base: dict[str, Any] = {"data": {k: v for k, v in data.items() if v is not None}}
     if source:
         base["data"]["source"] = source
@@ -36,8 +37,9 @@ def evaluate_model(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model {model_dir}: not a model directory (no config.json); pass a run's best/")
-    cfg = export_config(model_dir, source, overrides)
-    if _held_out_file(model_dir, source):
+    meta = read_meta(model_dir)
+    cfg = export_config(meta, source, overrides)
+    if _held_out_file(meta, source):
         # A file of its own, not the run's data: every caption of it is scored (cutting it into the
         # run's train/test shares would score a tenth of it; the run's sample caps do not apply).
         captions = load_file(cfg.data)
@@ -48,7 +50,7 @@ def evaluate_model(
         captions = splits[split]
     label_space = LabelSpace.load(model_dir / LABELS_FILE)
     # The run's own precision (older exports: train.precision as resolved here).
-    precision = read_meta(model_dir).get("precision") or resolve_precision(cfg.train.precision)
+    precision = meta.get("precision") or resolve_precision(cfg.train.precision)
     accelerator = make_accelerator(precision, 1)
     tokenizer = load_tokenizer(str(model_dir))
     tokenized = tokenize_split(tokenizer, captions, cfg, label_space, split)
@@ -65,9 +67,9 @@ def evaluate_model(
     return metrics
 
 
-def _held_out_file(model_dir: Path, source: str | None) -> bool:
+def _held_out_file(meta: dict[str, Any], source: str | None) -> bool:
     """--data names a single file other than the one the model was trained on."""
     if not source or not Path(source).expanduser().is_file():
         return False
-    trained_on = read_meta(model_dir).get("data", {}).get("source")
+    trained_on = meta.get("data", {}).get("source")
     return not trained_on or Path(source).expanduser().resolve() != Path(trained_on).expanduser().resolve()

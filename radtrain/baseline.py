@@ -180,6 +180,7 @@ def run_baseline(
     labels = LabelSpace.fit(splits["train"].labels, cfg.data.min_label_count, label_names(cfg, splits))
     names = ["train", "validation"] + (["test"] if "test" in splits else [])
     targets = {n: labels.encode(splits[n].labels, split_name=n) for n in names}
+    outside = {n: labels.count_outside(splits[n].labels) for n in names}
     texts = {n: splits[n].texts for n in names}
 
     t0 = time.time()
@@ -217,12 +218,13 @@ def run_baseline(
     thresholds = tune_thresholds(
         probs["validation"], targets["validation"], labels.cuis,
         min_support=cfg.train.threshold_min_support, top1=cfg.train.always_top1, fixed=fixed,
+        labels_outside=outside["validation"],
     )
     vector = threshold_vector(thresholds, labels.cuis)
     results: dict[str, dict[str, float] | None] = {"validation": None, "test": None}
     for name in names[1:]:
-        metrics = multilabel_metrics(targets[name], apply_thresholds(probs[name], fixed))
-        tuned = multilabel_metrics(targets[name], apply_thresholds(probs[name], vector, thresholds["top1"]))
+        metrics = multilabel_metrics(targets[name], apply_thresholds(probs[name], fixed), outside[name])
+        tuned = multilabel_metrics(targets[name], apply_thresholds(probs[name], vector, thresholds["top1"]), outside[name])
         results[name] = {**metrics, **{f"{k}_tuned": v for k, v in tuned.items()}}
 
     summary: dict[str, Any] = {
@@ -250,6 +252,7 @@ def run_baseline(
     for name in names[1:]:
         arrays[f"{name}_probs"] = probs[name]
         arrays[f"{name}_labels"] = targets[name].astype(np.uint8)
+        arrays[f"{name}_labels_outside"] = outside[name]  # gold CUIs outside the label space (f1_samples)
     with replacing(out_dir / PREDICTIONS_FILE, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
     write_json(out_dir / "summary.json", summary)

@@ -6,7 +6,10 @@ Conventions (checked against scikit-learn in tests/test_metrics.py):
 - ``exact_match``: subset accuracy; ``hamming_loss``: share of wrong label decisions;
   ``label_accuracy`` = 1 - hamming_loss.
 - ``f1_samples``: the per-caption F1 that ImageCLEF uses for ROCOv2, averaged over captions; a
-  caption with no true and no predicted labels scores 1 (sklearn's ``zero_division=1``).
+  caption with no true and no predicted labels scores 1 (sklearn's ``zero_division=1``). Its
+  truth is the caption's whole gold CUI set, as ImageCLEF's scorer reads it: the gold CUIs
+  outside the label space (``true_outside``, per caption; no model here can predict them) count
+  as missed. Every other metric, as the series' MultiLabelBinarizer, sees the label space only.
 """
 
 from __future__ import annotations
@@ -36,12 +39,18 @@ def _safe_div(num: np.ndarray, den: np.ndarray, default: float = 0.0) -> np.ndar
     return out
 
 
-def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """y_true, y_pred: (n_samples, n_labels) arrays of 0/1."""
+def multilabel_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, true_outside: np.ndarray | None = None
+) -> dict[str, float]:
+    """y_true, y_pred: (n_samples, n_labels) arrays of 0/1; true_outside: per sample, the gold
+    labels outside the label space (counted by ``f1_samples`` only; None: none)."""
     t = np.asarray(y_true).astype(bool)
     p = np.asarray(y_pred).astype(bool)
     if t.shape != p.shape:
         raise ValueError(f"shape mismatch: targets {t.shape} vs predictions {p.shape}")
+    outside = np.zeros(len(t)) if true_outside is None else np.asarray(true_outside, dtype=np.float64)
+    if outside.shape != (len(t),):
+        raise ValueError(f"true_outside has shape {outside.shape}; expected ({len(t)},)")
     tp_l = (t & p).sum(0)
     fp_l = (~t & p).sum(0)
     fn_l = (t & ~p).sum(0)
@@ -53,7 +62,7 @@ def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
     recall_l = _safe_div(tp_l, tp_l + fn_l)
     f1_l = _safe_div(2 * tp_l, 2 * tp_l + fp_l + fn_l)
     tp_s = (t & p).sum(1)
-    f1_s = _safe_div(2 * tp_s, t.sum(1) + p.sum(1), default=1.0)
+    f1_s = _safe_div(2 * tp_s, t.sum(1) + outside + p.sum(1), default=1.0)
     hamming = float((t != p).mean()) if t.size else 0.0
     return {
         "precision_micro": precision_micro,

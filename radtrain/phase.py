@@ -147,6 +147,7 @@ def tokenize_split(tokenizer, split: Split, cfg: RunConfig, labels: LabelSpace |
     tokenized = tokenize_texts(tokenizer, split.texts, cfg.data.max_length, cfg.data.cache_dir)
     if labels is not None:
         tokenized.targets = labels.encode(split.labels, split_name=name)
+        tokenized.targets_outside = labels.count_outside(split.labels)
     return tokenized
 
 
@@ -418,9 +419,9 @@ def evaluate_export(
     if is_tuned(thresholds) and threshold is None:
         from radtrain.metrics import multilabel_metrics
 
-        _, probs, labels = MultiLabelTask.ordered_outputs(gathered)
+        _, probs, labels, outside = MultiLabelTask.ordered_outputs(gathered)
         cuis = [model.config.id2label[i] for i in range(model.config.num_labels)]
         vector = threshold_vector(thresholds, cuis)
-        tuned = multilabel_metrics(labels, apply_thresholds(probs, vector, bool(thresholds.get("top1"))))
+        tuned = multilabel_metrics(labels, apply_thresholds(probs, vector, bool(thresholds.get("top1"))), outside)
         metrics.update({f"{k}_tuned": v for k, v in tuned.items()})
     return metrics

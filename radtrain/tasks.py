@@ -196,10 +196,12 @@ class MultiLabelTask:
         loss = (
             F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), reduction="none").mean(-1) * keep
         ).sum()
+        outside = batch.get("labels_outside")
         return {
             "index": batch["index"],
             "probs": torch.sigmoid(logits),
             "labels": batch["labels"],
+            "labels_outside": outside if outside is not None else torch.zeros_like(batch["index"]),
             "sums": torch.stack([loss, keep.sum()]),
         }
 
@@ -209,13 +211,14 @@ class MultiLabelTask:
         probs = gathered["probs"][keep]
         labels = gathered["labels"][keep]
         loss_sum, count = gathered["sums"].reshape(-1, 2).sum(0)
-        metrics = multilabel_metrics(labels, probs >= self.threshold)
+        metrics = multilabel_metrics(labels, probs >= self.threshold, gathered["labels_outside"][keep])
         metrics["loss"] = float(loss_sum / max(count, 1))
         return metrics
 
     @staticmethod
-    def ordered_outputs(gathered: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(index, probs, labels) of real rows, sorted by caption index (for threshold tuning, reports)."""
+    def ordered_outputs(gathered: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(index, probs, labels, labels outside the label space) of real rows, sorted by caption
+        index (for threshold tuning, reports)."""
         keep = gathered["index"] >= 0
         order = np.argsort(gathered["index"][keep], kind="stable")
-        return gathered["index"][keep][order], gathered["probs"][keep][order], gathered["labels"][keep][order]
+        return tuple(gathered[k][keep][order] for k in ("index", "probs", "labels", "labels_outside"))

@@ -90,8 +90,10 @@ def tune_thresholds(
     per_label: bool = True,
     fixed: float = 0.5,
     grid: np.ndarray | None = None,
+    labels_outside: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Tune thresholds on validation probabilities ``probs`` and 0/1 ``labels`` (n_captions, n_labels).
+    """Tune thresholds on validation probabilities ``probs`` and 0/1 ``labels`` (n_captions, n_labels);
+    ``labels_outside``: per caption, gold CUIs outside the label space (for ``f1_samples``).
 
     Returns the thresholds.json dict, with the validation metrics at the fixed threshold and with
     the tuned rule (``validation_fixed`` / ``validation_tuned``) so reports need not recompute them.
@@ -141,8 +143,8 @@ def tune_thresholds(
         "labels_with_own_threshold": len(tuned or {}),
     }
     vector = threshold_vector(result, cuis)
-    result["validation_fixed"] = multilabel_metrics(truth, apply_thresholds(probs, fixed))
-    result["validation_tuned"] = multilabel_metrics(truth, apply_thresholds(probs, vector, top1))
+    result["validation_fixed"] = multilabel_metrics(truth, apply_thresholds(probs, fixed), labels_outside)
+    result["validation_tuned"] = multilabel_metrics(truth, apply_thresholds(probs, vector, top1), labels_outside)
     return result
 
 
@@ -161,18 +163,20 @@ def thresholds_for_export(train_cfg, gathered: dict[str, np.ndarray], label_spac
     from radtrain.metrics import per_label_f1
     from radtrain.tasks import MultiLabelTask
 
-    _, probs, labels = MultiLabelTask.ordered_outputs(gathered)
+    _, probs, labels, outside = MultiLabelTask.ordered_outputs(gathered)
     cuis = label_space.cuis
     if train_cfg.tune_thresholds:
         result = tune_thresholds(
             probs, labels, cuis, min_support=train_cfg.threshold_min_support,
-            top1=train_cfg.always_top1, fixed=train_cfg.threshold,
+            top1=train_cfg.always_top1, fixed=train_cfg.threshold, labels_outside=outside,
         )
     else:
         result = fixed_thresholds(train_cfg.threshold, train_cfg.always_top1)
         if train_cfg.always_top1:
             truth = np.asarray(labels).astype(bool)
-            result["validation_tuned"] = multilabel_metrics(truth, apply_thresholds(probs, train_cfg.threshold, True))
+            result["validation_tuned"] = multilabel_metrics(
+                truth, apply_thresholds(probs, train_cfg.threshold, True), outside
+            )
     if per_label_path is not None:
         from radtrain.plots import save_per_label
 

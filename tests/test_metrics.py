@@ -52,3 +52,35 @@ def test_direction_of_best():
     assert is_better("f1", 0.5, 0.4) and not is_better("f1", 0.4, 0.5)
     assert is_better("loss", 0.4, 0.5) and is_better("hamming_loss", 0.1, 0.2)
     assert is_better("f1", 0.1, None)
+
+
+def test_f1_samples_counts_gold_labels_outside_the_label_space_as_imageclef(arrays):
+    """ImageCLEF scores each caption against its whole gold CUI set; CUIs outside the label space
+    (unseen in training, or under min_label_count) cannot be predicted and count as missed."""
+    y_true, y_pred = arrays
+    outside = np.arange(len(y_true)) % 3  # 0, 1 or 2 gold CUIs outside the space per caption
+    got = multilabel_metrics(y_true, y_pred, outside)
+    # ImageCLEF's rule, written out: the outside CUIs as extra true labels never predicted.
+    full_true = np.concatenate([y_true, (np.arange(2)[None, :] < outside[:, None]).astype(int)], axis=1)
+    full_pred = np.concatenate([y_pred, np.zeros((len(y_pred), 2), dtype=int)], axis=1)
+    assert got["f1_samples"] == pytest.approx(f1_score(full_true, full_pred, average="samples", zero_division=1))
+    # Only f1_samples changes: the other metrics are the series', over the label space.
+    inside = multilabel_metrics(y_true, y_pred)
+    assert {k: v for k, v in got.items() if k != "f1_samples"} == {k: v for k, v in inside.items() if k != "f1_samples"}
+
+
+def test_a_perfect_model_is_not_scored_perfect_where_the_label_space_drops_gold_cuis():
+    """On the shared real captions with labels seen >= 20 times: predicting every kept CUI right
+    used to score f1_samples = 1.0, whatever share of the gold CUIs the cut had dropped."""
+    import json
+
+    from radtrain.data.labels import LabelSpace
+    from tests.conftest import ROCO
+
+    rows = [json.loads(line) for line in ROCO.read_text(encoding="utf-8").splitlines()]
+    train, test = [r["cui"] for r in rows[:6000]], [r["cui"] for r in rows[6000:]]
+    space = LabelSpace.fit(train, min_count=20)
+    truth = space.encode(test)
+    metrics = multilabel_metrics(truth, truth, space.count_outside(test))
+    assert metrics["f1"] == 1.0  # the series' micro F1 sees the label space only
+    assert 0.7 < metrics["f1_samples"] < 0.95, metrics["f1_samples"]

@@ -263,9 +263,9 @@ def test_tfidf_baseline_uses_the_same_labels_metrics_and_never_tunes_on_test(run
     preds = np.load(out / "predictions.npz")
     thresholds = json.loads((out / "thresholds.json").read_text())
     for split in ("validation", "test"):
-        probs, labels = preds[f"{split}_probs"], preds[f"{split}_labels"]
-        expected = multilabel_metrics(labels, probs >= 0.5)
-        tuned = multilabel_metrics(labels, apply_thresholds(probs, threshold_vector(thresholds, list(preds["cuis"]))))
+        probs, labels, outside = preds[f"{split}_probs"], preds[f"{split}_labels"], preds[f"{split}_labels_outside"]
+        expected = multilabel_metrics(labels, probs >= 0.5, outside)
+        tuned = multilabel_metrics(labels, apply_thresholds(probs, threshold_vector(thresholds, list(preds["cuis"]))), outside)
         for key in ("f1", "f1_macro", "f1_samples", "hamming_loss", "exact_match"):
             assert summary[split][key] == pytest.approx(expected[key])
             assert summary[split][f"{key}_tuned"] == pytest.approx(tuned[key])

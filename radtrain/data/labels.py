@@ -79,6 +79,11 @@ class LabelSpace:
             )
         return matrix
 
+    def count_outside(self, labels: Sequence[Sequence[str]]) -> np.ndarray:
+        """Per caption, its distinct gold CUIs outside the label space (what ``encode`` drops):
+        ImageCLEF's per-caption F1 counts them as missed."""
+        return np.array([len({c for c in cuis if c not in self.index}) for cuis in labels], dtype=np.int32)
+
     def to_json(self) -> dict:
         return {
             "min_label_count": self.min_count,

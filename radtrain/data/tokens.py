@@ -34,6 +34,7 @@ class TokenizedSplit:
     ids: np.ndarray  # int32, all captions concatenated
     offsets: np.ndarray  # int64, len = n + 1
     targets: np.ndarray | None = None  # float32 multi-hot (n, num_labels) for classification
+    targets_outside: np.ndarray | None = None  # int32 (n,): gold CUIs outside the label space (metrics only)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

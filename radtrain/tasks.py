@@ -196,12 +196,10 @@ class MultiLabelTask:
         loss = (
             F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), reduction="none").mean(-1) * keep
         ).sum()
-        outside = batch.get("labels_outside")
         return {
             "index": batch["index"],
             "probs": torch.sigmoid(logits),
             "labels": batch["labels"],
-            "labels_outside": outside if outside is not None else torch.zeros_like(batch["index"]),
             "sums": torch.stack([loss, keep.sum()]),
         }
 

@@ -572,6 +572,11 @@ def evaluate_split(
         for key, value in task.eval_step(model, batch).items():
             outputs[key].append(value.detach().float() if value.is_floating_point() else value.detach())
     gathered = {k: accelerator.gather(torch.cat(v)).cpu().numpy() for k, v in outputs.items()}
+    if "index" in gathered:
+        # Per-caption outputs (the classifier): the gold CUIs outside the label space that f1_samples
+        # counts come from the split itself, on the host (filler rows, index -1, are dropped later).
+        outside = split.targets_outside if split.targets_outside is not None else np.zeros(len(split), np.int32)
+        gathered["labels_outside"] = outside[np.maximum(gathered["index"], 0)]
     return task.finish_eval(gathered), gathered
 
 

@@ -95,6 +95,4 @@ def collate(
     }
     if split.targets is not None:
         batch["labels"] = torch.from_numpy(split.targets[real])
-    if split.targets_outside is not None:
-        batch["labels_outside"] = torch.from_numpy(split.targets_outside[real].astype(np.int64))
     return batch

@@ -300,7 +300,7 @@ def _split_single_file(split: Split, cfg: DataConfig) -> dict[str, Split]:
 def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
     import datasets
 
-    columns = [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
+    columns = _columns(cfg)
     try:
         try:
             # Parquet-backed Hub datasets (ROCOv2, Radiology_mini) accept `columns`: the image column
@@ -330,14 +330,22 @@ def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
     return splits
 
 
+def _columns(cfg: DataConfig) -> list[str]:
+    """The columns radtrain reads (a parquet file is read by column: images never are)."""
+    return [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
+
+
+def _read_file(path: Path, cfg: DataConfig, need_labels: bool) -> Split:
+    return _collect(_rows(path, _columns(cfg) + list(ID_COLUMNS)), cfg, str(path), need_labels)
+
+
 def load_file(cfg: DataConfig, need_labels: bool = True) -> Split:
     """Every caption of the one file ``cfg.source`` as a single split (no train/test cut): a
     held-out file to evaluate."""
     source = Path(cfg.source).expanduser()
     if not source.is_file():
         raise DataError(f"data.source={cfg.source!r}: no such file")
-    columns = [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
-    split = _collect(_rows(source, columns + list(ID_COLUMNS)), cfg, str(source), need_labels)
+    split = _read_file(source, cfg, need_labels)
     if len(split) == 0:
         raise DataError(f"{source}: no usable captions (no rows, or every {cfg.text_column!r} empty or not a string)")
     return split
@@ -350,7 +358,7 @@ def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
     into train and test (``data.test_fraction``).
     """
     source = Path(cfg.source).expanduser()
-    columns = [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
+    columns = _columns(cfg)
     if source.is_dir():
         files = _find_split_files(source)
         if "train" not in files:
@@ -364,9 +372,7 @@ def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
             rows = (row for path in paths for row in _rows(path, columns + list(ID_COLUMNS)))
             splits[name] = _collect(rows, cfg, ", ".join(str(p) for p in paths), need_labels)
     elif source.is_file():
-        splits = _split_single_file(
-            _collect(_rows(source, columns + list(ID_COLUMNS)), cfg, str(source), need_labels), cfg
-        )
+        splits = _split_single_file(_read_file(source, cfg, need_labels), cfg)
     elif source.exists() or cfg.source.startswith((".", "/", "~")) or Path(cfg.source).suffix in FILE_SUFFIXES:
         raise DataError(f"data.source={cfg.source!r}: no such file or directory")
     else:

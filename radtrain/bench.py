@@ -329,6 +329,7 @@ def build_trainer(cfg: RunConfig, shared: _Shared, run_dir: Path):
 
 
 def _observed_trainer_class():
+    from radtrain.data.batching import packed_length
     from radtrain.trainer import Trainer
 
     class ObservedTrainer(Trainer):
@@ -341,8 +342,10 @@ def _observed_trainer_class():
             if record is not None:
                 real = np.asarray(indices)
                 lengths = split.lengths[real[real >= 0]]
-                # A packed micro-batch (packed in _step, after this) computes on its real tokens only.
-                record["computed"] += int(lengths.sum()) if self.packing else int(batch["input_ids"].numel())
+                # A packed micro-batch (packed in _step, after this) computes on its real tokens and
+                # the filler that bounds its length.
+                computed = packed_length(int(lengths.sum()), self.cfg.data.pad_to_multiple_of)
+                record["computed"] += computed if self.packing else int(batch["input_ids"].numel())
                 record["lengths"].append(lengths)
             return batch
 

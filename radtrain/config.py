@@ -50,7 +50,10 @@ class DataConfig:
     padding: str = "longest"
     """'longest' pads each batch to its longest caption; 'max_length' pads to max_length (the seed)."""
     pad_to_multiple_of: int = 8
-    """Bounds the number of distinct batch shapes (kernel plans, compile caches)."""
+    """Bounds the number of distinct batch shapes (kernel plans, compile caches): padded widths
+    are multiples of it; packed rows are rounded up to a multiple of it coarsened to ~1/64 of the
+    row (at most 64 lengths per doubling; the filler, < 1/64 of the row or < this, computes
+    nothing that reaches a caption). 1: exact widths and packed lengths."""
     bucket_by_length: bool = True
     """Group captions of similar length into batches so little compute is spent on padding."""
     packing: str | bool = "auto"

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 ATTN_NAME = "radtrain_varlen"
 PACKED_KEY = "cu_seqlens"
+# How many of a packed row's segments are captions; the rest are filler (batching.packed_length).
+CAPTIONS_KEY = "radtrain_captions"
 BLOCKS_FLAG = "_radtrain_blocks"  # set on attention modules by enable(attention="blocks")
 # ModernBertModel skips building masks when given one per layer type; packed attention needs none.
 _NO_MASKS = {"full_attention": None, "sliding_attention": None}
@@ -231,11 +233,13 @@ def _encoder(model):
     return inner if inner is not None and type(inner).__name__ == "ModernBertModel" else None
 
 
-def _skip_masks(module, args, kwargs):
+def _packed_inputs(module, args, kwargs):
+    """Before the encoder's forward: no masks for packed rows, and the caption count (not an
+    argument transformers knows) kept on the module for the pooling hook."""
+    module._radtrain_captions = kwargs.pop(CAPTIONS_KEY, None)
     if kwargs.get("cu_seq_lens_q") is not None:
         kwargs["attention_mask"] = dict(_NO_MASKS)
-        return args, kwargs
-    return None
+    return args, kwargs
 
 
 def _pool_per_caption(pooling: str):
@@ -243,6 +247,9 @@ def _pool_per_caption(pooling: str):
         cu_seqlens = kwargs.get("cu_seq_lens_q")
         if cu_seqlens is None:
             return None
+        # Segments after the captions are filler (pack); without a count, every segment is a caption.
+        captions = getattr(module, "_radtrain_captions", None)
+        starts = cu_seqlens[:-1] if captions is None else cu_seqlens[:captions]
         hidden = output.last_hidden_state[0]  # (T, hidden)
         if pooling == "mean":
             lengths = cu_seqlens.diff().long()
@@ -250,9 +257,9 @@ def _pool_per_caption(pooling: str):
                 torch.arange(lengths.numel(), device=hidden.device), lengths, output_size=hidden.shape[0]
             )
             sums = hidden.new_zeros(lengths.numel(), hidden.shape[-1]).index_add_(0, segment, hidden)
-            pooled = sums / lengths[:, None].to(hidden.dtype)
+            pooled = (sums / lengths[:, None].to(hidden.dtype))[: starts.numel()]
         else:  # 'cls': each caption's first token
-            pooled = hidden[cu_seqlens[:-1].long()]
+            pooled = hidden[starts.long()]
         # (captions, 1, hidden): the classifier's own pooling of position 0 (or the mean over a
         # length-1 axis) is then the identity.
         output.last_hidden_state = pooled.unsqueeze(1)
@@ -335,7 +342,7 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
     if getattr(model.config, "_attn_implementation", None) != name:
         model.set_attn_implementation(name)
     if not getattr(encoder, "_radtrain_packing", False):
-        encoder.register_forward_pre_hook(_skip_masks, with_kwargs=True)
+        encoder.register_forward_pre_hook(_packed_inputs, with_kwargs=True)
         if hasattr(model, "classifier"):
             pooling = getattr(model.config, "classifier_pooling", "cls")
             encoder.register_forward_hook(_pool_per_caption(pooling), with_kwargs=True)
@@ -362,25 +369,43 @@ def resolve(setting: str, model, device: torch.device, mixed_precision: str, att
 # -- batches ---------------------------------------------------------------------------------------
 
 
-def pack(batch: dict[str, torch.Tensor], token_labels: bool) -> dict:
+def pack(batch: dict[str, torch.Tensor], token_labels: bool, pad_id: int = 0, pad_to_multiple_of: int = 1) -> dict:
     """A padded batch (after task.prepare, so MLM masks are the padded batch's) -> one packed row.
 
     Keeps ``index`` and per-caption labels (classifier) as they are; ``token_labels`` (MLM) are
-    packed with the tokens."""
+    packed with the tokens. The row is ``batching.packed_length`` long: filler tokens (``pad_id``,
+    MLM label -100) after the captions, in segments of their own no longer than the longest
+    caption, so they attend only to filler, leave ``max_seqlen`` (and the block width of
+    ``blocks`` attention) unchanged, and are dropped by the classifier's per-caption pooling."""
+    from radtrain.data.batching import packed_length
+
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(1)
-    cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
-    total = int(cu_seqlens[-1])
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
+    captions = lengths.numel()
+    real = int(lengths.sum())
+    longest = int(lengths.max()) if captions else 0
+    filler = packed_length(real, pad_to_multiple_of) - real
+    chunk = max(longest, 1)
+    filler_segments = [chunk] * (filler // chunk) + ([filler % chunk] if filler % chunk else [])
+    segments = torch.cat([lengths, torch.tensor(filler_segments, dtype=lengths.dtype)])
+    cu_seqlens = torch.zeros(segments.numel() + 1, dtype=torch.int32)
+    torch.cumsum(segments, 0, out=cu_seqlens[1:])
+    total = real + filler
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), segments, output_size=total)
     packed = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
-    packed["input_ids"] = batch["input_ids"][mask].unsqueeze(0)
+    ids = batch["input_ids"][mask]
+    packed["input_ids"] = torch.cat([ids, ids.new_full((filler,), pad_id)]).unsqueeze(0)
     packed["position_ids"] = (torch.arange(total) - starts).unsqueeze(0)
     packed[PACKED_KEY] = cu_seqlens
-    packed["max_seqlen"] = int(lengths.max()) if lengths.numel() else 0
+    packed["max_seqlen"] = max([longest, *filler_segments])
+    packed[CAPTIONS_KEY] = captions
     labels = batch.get("labels")
     if labels is not None:
-        packed["labels"] = labels[mask].unsqueeze(0) if token_labels else labels
+        if token_labels:
+            targets = labels[mask]
+            packed["labels"] = torch.cat([targets, targets.new_full((filler,), -100)]).unsqueeze(0)
+        else:
+            packed["labels"] = labels
     return packed
 
 
@@ -393,7 +418,7 @@ def model_inputs(batch: dict) -> dict:
     if not is_packed(batch):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     cu, longest = batch[PACKED_KEY], batch["max_seqlen"]
-    return {
+    inputs = {
         "input_ids": batch["input_ids"],
         "position_ids": batch["position_ids"],
         "cu_seq_lens_q": cu,
@@ -401,3 +426,6 @@ def model_inputs(batch: dict) -> dict:
         "max_length_q": longest,
         "max_length_k": longest,
     }
+    if CAPTIONS_KEY in batch:  # taken off by the encoder's pre-hook (_packed_inputs) before its forward
+        inputs[CAPTIONS_KEY] = batch[CAPTIONS_KEY]
+    return inputs

@@ -23,7 +23,7 @@ import torch
 from radtrain import faults, models, packing
 from radtrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, TrainerState, any_rank
 from radtrain.config import RunConfig
-from radtrain.data.batching import collate, eval_plan, padded_width, plan_epoch, rank_slice
+from radtrain.data.batching import collate, eval_plan, packed_length, padded_width, plan_epoch, rank_slice
 from radtrain.data.sources import DataError
 from radtrain.data.tokens import TokenizedSplit, cache_root
 from radtrain.io import write_text
@@ -209,6 +209,13 @@ class Trainer:
 
     def _collate(self, split: TokenizedSplit, indices: np.ndarray) -> dict[str, torch.Tensor]:
         return collate(split, indices, self.pad_id, **self._padding())
+
+    def _pack(self, batch: dict[str, torch.Tensor]) -> dict:
+        """One packed row, its length bounded like padded widths (data.pad_to_multiple_of)."""
+        return packing.pack(
+            batch, token_labels=self.task.name == "mlm", pad_id=self.pad_id,
+            pad_to_multiple_of=self.cfg.data.pad_to_multiple_of,
+        )
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Non-tensors (a packed batch's max_seqlen) stay Python values: the kernels want ints.
@@ -407,7 +414,7 @@ class Trainer:
             # function of seed, epoch, step, micro-batch and caption, not of the rank or padding).
             batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, step_in_epoch, j))
             if self.packing:  # after prepare: MLM masks are drawn on the padded batch either way
-                batch = packing.pack(batch, token_labels=self.task.name == "mlm")
+                batch = self._pack(batch)
             if not fillers[-1]:
                 local_items += self.task.num_items(batch)  # counted on the CPU copy: no device sync
             batches.append(self._to_device(batch))
@@ -487,7 +494,8 @@ class Trainer:
             lengths = self.lengths[rank_slice(global_batch, self.rank, self.world)]
             n, real = len(lengths), int(lengths.sum())
             if self.packing:
-                computed, shape = real, f"one packed row of {real} tokens"
+                computed = packed_length(real, self.cfg.data.pad_to_multiple_of)
+                shape = f"one packed row of {computed} tokens"
             else:
                 width = padded_width(int(lengths.max()) if n else 0, **self._padding())
                 computed, shape = n * width, f"{n} x {width} padded"

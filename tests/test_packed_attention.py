@@ -8,6 +8,7 @@ from transformers import ModernBertConfig, ModernBertForSequenceClassification
 from transformers.models.modernbert import modeling_modernbert
 
 from radtrain import packing
+from radtrain.data.batching import packed_length
 from radtrain.opcount import OpCounter
 
 LENGTHS = [150, 7, 33, 64, 2, 90]  # one caption longer than the local window (128), one of 2 tokens
@@ -23,13 +24,16 @@ def _model(seed: int = 0) -> ModernBertForSequenceClassification:
     return ModernBertForSequenceClassification(config)
 
 
-def _packed_batch() -> dict:
+def _packed_batch(pad_to_multiple_of: int = 1) -> dict:
     generator = torch.Generator().manual_seed(1)
     width = max(LENGTHS)
     ids = torch.randint(1, 512, (len(LENGTHS), width), generator=generator)
     mask = (torch.arange(width)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
     labels = (torch.rand(len(LENGTHS), 11, generator=generator) < 0.3).float()
-    return packing.pack({"input_ids": ids * mask, "attention_mask": mask, "labels": labels}, token_labels=False)
+    return packing.pack(
+        {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}, token_labels=False,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
 
 
 def _step(model, batch, dtype):
@@ -137,3 +141,58 @@ def test_packing_refuses_a_model_with_attention_dropout(monkeypatch):
     monkeypatch.setattr(packing, "torch_varlen_kernel", lambda: True)
     assert not packing.resolve("auto", model, torch.device("cuda"), "bf16", None)
     assert packing.resolve("auto", _model(), torch.device("cuda"), "bf16", None)  # without dropout: packs
+
+
+def test_packed_lengths_are_bounded():
+    """Packed rows take a bounded set of lengths (new lengths are new matrix-product shapes):
+    multiples of pad_to_multiple_of, at most 64 per doubling, filler under max(multiple, T/64)."""
+    tokens = range(1, 70_000)
+    lengths = [packed_length(t, 8) for t in tokens]
+    assert all(n >= t and n % 8 == 0 and n - t < max(8, t / 64) for t, n in zip(tokens, lengths, strict=True))
+    for k in range(10, 17):  # rows of 513 .. 65,536 tokens, a doubling at a time
+        assert len({packed_length(t, 8) for t in range(2 ** (k - 1) + 1, 2**k + 1)}) <= 64
+    assert len(set(lengths)) < 700  # against 69,999 exact lengths
+    assert [packed_length(t, 1) for t in (1, 257, 14_001)] == [1, 257, 14_001]  # exact packing stays exact
+    assert packed_length(5, 12) == 12 and packed_length(9000, 12) % 12 == 0
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_filler_changes_no_caption(pooling):
+    """Filler after the captions (its own segments, none longer than the longest caption) leaves
+    every caption's logits and the gradients as they are; the model gives one row per caption."""
+    exact, padded = _packed_batch(), _packed_batch(pad_to_multiple_of=512)
+    real = sum(LENGTHS)
+    assert padded["input_ids"].shape == (1, 512) and exact["input_ids"].shape == (1, real)
+    assert torch.equal(padded["input_ids"][0, :real], exact["input_ids"][0]) and (padded["input_ids"][0, real:] == 0).all()
+    # 166 filler tokens in segments of at most 150 (the longest caption): attention width unchanged.
+    assert padded["cu_seqlens"].tolist() == [*exact["cu_seqlens"].tolist(), real + 150, 512]
+    assert padded["max_seqlen"] == exact["max_seqlen"] == 150
+    assert padded["position_ids"][0, real:].tolist() == [*range(150), *range(16)]
+    results = []
+    for batch in (exact, padded):
+        model = _model()
+        model.config.classifier_pooling = pooling
+        packing.enable(model, None, "no", "auto")
+        results.append(_step(model, batch, torch.float32))
+    (logits, grads), (ref_logits, ref_grads) = results[1], results[0]
+    assert logits.shape == (len(LENGTHS), 11)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-6, atol=1e-6)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_filler_takes_no_mlm_label():
+    batch = _packed_batch()
+    generator = torch.Generator().manual_seed(2)
+    width = max(LENGTHS)
+    mask = (torch.arange(width)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
+    labels = torch.where(torch.rand(len(LENGTHS), width, generator=generator) < 0.3, 5, -100) * mask - 100 * (1 - mask)
+    packed = packing.pack(
+        {"input_ids": torch.ones_like(mask) * mask, "attention_mask": mask, "labels": labels}, token_labels=True,
+        pad_id=3, pad_to_multiple_of=8,
+    )
+    real = sum(LENGTHS)
+    assert packed["input_ids"].shape == packed["labels"].shape == (1, packed_length(real, 8)) and real % 8
+    assert (packed["labels"][0, real:] == -100).all() and (packed["input_ids"][0, real:] == 3).all()
+    assert torch.equal(packed["labels"][0, :real], labels[mask.bool()])
+    assert batch["cu_seqlens"].numel() == len(LENGTHS) + 1  # pack() without a multiple: exact

@@ -71,6 +71,23 @@ def padded_width(longest: int, pad_to_multiple_of: int = 1, pad_to_length: int |
     return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
 
 
+def packed_length(tokens: int, pad_to_multiple_of: int = 1) -> int:
+    """The length ``packing.pack`` gives a packed row of ``tokens`` real tokens: a multiple of
+    ``pad_to_multiple_of``, coarsened to about 1/64 of the row, so a run meets at most 64 lengths
+    per doubling of the row and the filler stays under max(pad_to_multiple_of, tokens / 64).
+
+    Why bound them: every new length is a new shape for each matrix product and compiled graph, so
+    per-shape work (cuBLAS's kernel choice, Inductor's and CUDA graphs' per-shape code) is redone
+    at every step of exactly packed rows and reused across steps of bounded ones. A matrix
+    product's tiles (64-256 rows) compute up to the next tile boundary anyway, so the rounding costs
+    the products little. ``pad_to_multiple_of=1`` packs exactly (docs/benchmarks.md)."""
+    if pad_to_multiple_of <= 1 or tokens <= 0:
+        return tokens
+    coarse = 1 << max(tokens.bit_length() - 7, 0)
+    step = pad_to_multiple_of * max(1, coarse // pad_to_multiple_of)
+    return -(-tokens // step) * step
+
+
 def collate(
     split: TokenizedSplit,
     indices: np.ndarray,

@@ -14,7 +14,8 @@
 #                   radtrain's packed attention forward = transformers' on the varlen kernel
 #   compile_time    cold start and step time, eager vs compiled layer by layer (batch 512, base),
 #                   and the warm start from a filled Inductor cache
-#   compile         `radtrain bench`, base: seed, batch 512 eager vs compiled, batch 128 compiled
+#   compile         `radtrain bench`, base: seed, batch 512 eager vs compiled, batch 128 compiled,
+#                   and batch 512 packed to exact lengths (every step a new matrix-product shape)
 #   packed_forward  radtrain's packed attention forward vs transformers' (base, batch 512)
 #   cls_base        base: seed, fast, batch 512 packed with the varlen kernel and with block
 #                   attention (a preset that runs out of memory is reported as such; the others
@@ -101,7 +102,8 @@ step compile_time 260 "$PY" tests/gpu/compile_time.py --data "$DATA" --model "$B
   --modes eager,layers,layers --timeout 90 --out "$WORK/compile_time.json"
 step compile 150 bench compile --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets seed \
   --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true \
-  --variant b128_compiled:train.batch_size=128,train.compile=true
+  --variant b128_compiled:train.batch_size=128,train.compile=true \
+  --variant b512_exact:train.batch_size=512,data.pad_to_multiple_of=1
 # radtrain's packed attention forward against transformers' own (same batches, same weights).
 step packed_forward 90 "$PY" tests/gpu/packed_forward.py --data "$DATA" --model "$BASE" --steps "$STEPS" \
   --json "$WORK/packed_forward.json" train.batch_size=512 data.min_label_count=10

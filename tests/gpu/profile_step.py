@@ -5,7 +5,8 @@
 Builds the preset exactly as ``radtrain bench`` does (the user's overrides on radtrain's defaults),
 runs ``--warmup`` steps, then profiles ``--steps`` steps with torch.profiler and prints: wall time
 per step, the GPU's busy time per step (the union of its kernel intervals, so overlapping streams
-are not counted twice) and the idle share, and the top kernels/operators by device time. A GPU
+are not counted twice) and the idle share, the top kernels/operators by device time and, on a
+GPU, the top operators and CUDA runtime calls by host time. A GPU
 that is idle a large share of the step is waiting on the host (kernel launches, collation, syncs);
 one that is busy is limited by its kernels. Runs on a CPU too (then only host times are shown).
 """
@@ -73,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         busy = busy_seconds(kernels) / args.steps
         print(f"GPU busy per step: {1000 * busy:.1f} ms; idle {100 * (1 - busy / per_step):.0f}% of the step; "
               f"{len(kernels) / args.steps:.0f} kernels per step")
+    averages = prof.key_averages()
     sort = "cuda_time_total" if cuda else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+    print(averages.table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+    if cuda:  # the host's side of a launch-bound step: which operators and CUDA calls it waits on
+        print("by host (self CPU) time:")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
     return 0
 
 

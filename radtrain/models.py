@@ -135,9 +135,46 @@ def build_mlm_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
         model = _from_pretrained(AutoModelForMaskedLM, source, cfg)
     # Run the decoder only on masked tokens (ModernBERT's sparse prediction): the vocabulary
     # projection is the largest matmul of the MLM step and ~70% of its positions are unmasked.
+    # The export's config says so; radtrain gathers the tokens itself (gather_masked_tokens).
     model.config.sparse_prediction = True
-    model.sparse_prediction = True
+    gather_masked_tokens(model)
     return model
+
+
+# Flat positions (in the batch as the model takes it) of the tokens the MLM decoder runs on.
+MASKED_INDEX_KEY = "radtrain_masked_index"
+
+
+def _take_masked_index(module, args, kwargs):
+    module._radtrain_masked_index = kwargs.pop(MASKED_INDEX_KEY, None)
+    return args, kwargs
+
+
+def _gather_masked(module, args, kwargs, output):
+    index = getattr(module, "_radtrain_masked_index", None)
+    if index is None:
+        return None
+    hidden = output.last_hidden_state
+    output.last_hidden_state = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    return output
+
+
+def gather_masked_tokens(model) -> None:
+    """Sparse prediction without a host sync: given ``radtrain_masked_index`` (positions computed on
+    the host with the masks, ``MLMTask.finish_batch``) the encoder's output is gathered at those
+    positions, and the head, decoder and loss run on them with targets of the same length.
+
+    transformers' own sparse prediction selects the tokens with a boolean mask on the device
+    (``hidden[labels != -100]``), whose output size the host must wait for: two syncs per
+    micro-batch, each draining the GPU's queue in the middle of the step. Its sparse branch is
+    turned off on the instance (the config keeps ``sparse_prediction``); without an index the model
+    decodes every token, correct and slower."""
+    encoder = model.model
+    if not getattr(encoder, "_radtrain_gathers", False):
+        encoder.register_forward_pre_hook(_take_masked_index, with_kwargs=True)
+        encoder.register_forward_hook(_gather_masked, with_kwargs=True)
+        encoder._radtrain_gathers = True
+    model.sparse_prediction = False
 
 
 def build_classifier(cfg: ModelConfig, tokenizer, cuis: list[str], seed: int) -> torch.nn.Module:

@@ -22,6 +22,10 @@ from torch.utils._pytree import tree_leaves
 
 # Operators that launch no kernel: aliases of their input (not flagged as views) and bare allocations.
 _NO_KERNEL = {"detach", "_unsafe_view", "alias", "lift_fresh", "empty", "empty_like", "empty_strided"}
+# Operators the host must wait for the device to finish before it can go on: a value read back
+# (.item(), bool()), or an output whose size depends on the values (boolean-mask indexing is
+# nonzero underneath). On a GPU each drains the queue of launched kernels mid-step.
+_SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -33,11 +37,16 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.device_type = device_type
         self.counts: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+        """Operators among them that make the host wait for the device (see ``_SYNCING``)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL and self._on_device(args, kwargs, out):
-            self.counts[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL and self._on_device(args, kwargs, out):
+            self.counts[name] += 1
+            if name in _SYNCING or _boolean_index(name, args) or _sized_by_values(name, args, kwargs):
+                self.syncs[name] += 1
         return out
 
     def _on_device(self, args, kwargs, out) -> bool:
@@ -49,6 +58,21 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def _boolean_index(name: str, args) -> bool:
+    """``x[mask]`` (and its backward): indices that are a boolean tensor."""
+    if name not in ("index", "index_put", "_index_put_impl") or len(args) < 2:
+        return False
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
+
+
+def _sized_by_values(name: str, args, kwargs) -> bool:
+    """repeat_interleave with tensor repeats and no ``output_size``: its size is their sum."""
+    if name != "repeat_interleave" or (kwargs or {}).get("output_size") is not None:
+        return False
+    repeats = args[1] if len(args) > 1 else args[0]  # (self, repeats) or (repeats,)
+    return isinstance(repeats, torch.Tensor)
 
 
 def count_ops(fn: Callable[[], Any]) -> Counter[str]:

@@ -1,6 +1,8 @@
 """One task class per objective. The training loop only sees this interface:
 
 - ``prepare(batch, generator)``: turn a collated batch into model inputs (MLM masking lives here);
+- ``finish_batch(batch)``: last host-side work on the batch as the model takes it (after packing):
+  the MLM decoder's token positions;
 - ``num_items(batch)``: how many loss terms the batch contributes (masked tokens, label cells);
 - ``loss_sum(model, batch)``: the *summed* loss, so the loop can normalise by the number of items
   in the whole global batch (exact gradient accumulation across micro-batches and ranks);
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from radtrain.metrics import multilabel_metrics
-from radtrain.packing import model_inputs
+from radtrain.models import MASKED_INDEX_KEY
+from radtrain.packing import is_packed, model_inputs
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -86,27 +89,34 @@ class MLMTask:
         input_ids[real] = torch.from_numpy(ids.astype(np.int64))
         return {**batch, "input_ids": input_ids, "labels": labels}
 
+    def finish_batch(self, batch: dict) -> dict:
+        """The masked tokens' flat positions in the batch as the model takes it (padded or packed)
+        and their targets, ``labels`` becoming those targets. Run on the host before the copy to
+        the device, so the decoder's gather waits on nothing (models.gather_masked_tokens).
+        Evaluation's filler rows (index -1) get no masked token."""
+        labels = batch["labels"]
+        if not is_packed(batch) and "index" in batch:
+            labels = torch.where((batch["index"] >= 0)[:, None], labels, -100)
+        flat = labels.reshape(-1)
+        positions = torch.nonzero(flat != -100).squeeze(1)
+        return {**batch, "labels": flat[positions], MASKED_INDEX_KEY: positions}
+
     def num_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != -100).sum())
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # num_items_in_batch=1 makes transformers' MLM loss a plain sum over masked tokens.
+    def _forward(self, model, batch: dict):
+        # num_items_in_batch=1 makes transformers' MLM loss a plain sum over the masked tokens.
         # model_inputs: the padded batch's tensors, or a packed row with caption boundaries.
-        out = model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1)
-        return out.loss
+        inputs = {**model_inputs(batch), MASKED_INDEX_KEY: batch[MASKED_INDEX_KEY]}
+        return model(**inputs, labels=batch["labels"], num_items_in_batch=1)
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._forward(model, batch).loss
 
     @torch.no_grad()
     def eval_step(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        labels = batch["labels"]
-        keep = batch["index"] >= 0  # filler rows (evaluation padding) count for nothing
-        labels = torch.where(keep[:, None], labels, torch.full_like(labels, -100))
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-        logits = out.logits.float()
-        target = labels.view(-1)
-        if logits.shape[0] != target.shape[0]:  # sparse prediction: logits only for masked tokens
-            target = target[target != -100]
-        else:
-            logits, target = logits[target != -100], target[target != -100]
+        target = batch["labels"]
+        logits = self._forward(model, batch).logits.float()
         loss = F.cross_entropy(logits, target, reduction="sum")
         correct = (logits.argmax(-1) == target).sum()
         return {"sums": torch.stack([loss, correct.float(), torch.tensor(float(target.numel()), device=loss.device)])}
@@ -141,6 +151,9 @@ class MultiLabelTask:
     _pos_weight_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return batch
+
+    def finish_batch(self, batch: dict) -> dict:
         return batch
 
     def num_items(self, batch: dict[str, torch.Tensor]) -> int:

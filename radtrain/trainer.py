@@ -415,6 +415,7 @@ class Trainer:
             batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, step_in_epoch, j))
             if self.packing:  # after prepare: MLM masks are drawn on the padded batch either way
                 batch = self._pack(batch)
+            batch = self.task.finish_batch(batch)
             if not fillers[-1]:
                 local_items += self.task.num_items(batch)  # counted on the CPU copy: no device sync
             batches.append(self._to_device(batch))
@@ -575,7 +576,7 @@ def evaluate_split(
         batch = collate_fn(split, indices)
         # Evaluation masks (MLM) are fixed: a caption gets the same masks at every evaluation,
         # whatever the process count or batch composition (the task draws per caption).
-        batch = task.prepare(batch, _generator(seed, 1_000_003))
+        batch = task.finish_batch(task.prepare(batch, _generator(seed, 1_000_003)))
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         for key, value in task.eval_step(model, batch).items():
             outputs[key].append(value.detach().float() if value.is_floating_point() else value.detach())

@@ -166,14 +166,10 @@ def _runs(source: Path, tmp_path: Path, phase: str, variants: dict[str, tuple[st
 
 
 def _forward_backward(trainer, indices: np.ndarray):
-    """The first half of Trainer._step for one micro-batch: collate, prepare, pack, loss, backward."""
-    from radtrain.trainer import _generator
-
-    batch = trainer._collate(trainer.train_split, indices)
-    batch = trainer.task.prepare(batch, _generator(1, 0, 0, 0))
-    if trainer.packing:
-        batch = trainer._pack(batch)
-    batch = trainer._to_device(batch)
+    """The first half of Trainer._step for one micro-batch: the trainer's own host batch (collate,
+    prepare, pack, finish, copy), then loss and backward."""
+    batches, _, _ = trainer._host_batches(0, 0, [indices])
+    batch = batches[0]
     trainer.model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
     out = {"width": tuple(batch["input_ids"].shape)}
@@ -257,6 +253,23 @@ def test_packed_mlm_matches_padded(captions, tmp_path):
     padded, packed = (_forward_backward(trainers[n], picks) for n in ("padded", "packed"))
     assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
     assert float((packed["grad"] - padded["grad"]).norm() / padded["grad"].norm()) < 1e-5
+
+
+@pytest.mark.parametrize("phase", ["classify", "mlm"])
+def test_packed_step_waits_for_the_device_only_at_its_end(captions, tmp_path, phase):
+    """Forward, backward, clipping and AdamW of a packed micro-batch read nothing back from the
+    device (on a GPU each read drains the launch queue mid-step); the step's one read is its end."""
+    from radtrain.opcount import OpCounter
+
+    trainers, _ = _runs(captions, tmp_path, phase, {"packed": ("user", ["data.packing=on", "train.precision=fp32"])})
+    trainer = trainers["packed"]
+    batches, _, _ = trainer._host_batches(0, 0, [_mixed_batch(trainer.train_split)])
+    trainer.model.train()
+    with OpCounter() as counter:
+        trainer.acc.backward(trainer.task.loss_sum(trainer.model, batches[0]))
+        trainer.acc.clip_grad_norm_(trainer.model.parameters(), 1.0)
+        trainer.optimizer.step()
+    assert counter.total > 100 and not counter.syncs, dict(counter.syncs)
 
 
 def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path, monkeypatch):

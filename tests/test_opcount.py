@@ -25,3 +25,15 @@ def test_backward_is_counted_and_a_device_filter_skips_host_work():
     assert "empty" not in everything.counts
     # The host's own work on CPU tensors launches nothing on the device.
     assert dict(device_only.counts) == {"mul": 1, "exp": 1}
+
+
+def test_operators_that_wait_for_the_device_are_flagged():
+    x, lengths = torch.randn(5), torch.tensor([1, 2, 0, 1, 1])
+    with OpCounter() as counter:
+        x[x > 0]  # boolean mask: its size is known once the device has computed it
+        x.sum().item()
+        torch.repeat_interleave(x, lengths)
+        torch.repeat_interleave(x, lengths, output_size=5)  # size given: no wait
+        x[torch.tensor([0, 2])]  # integer index: no wait
+        x * 2
+    assert dict(counter.syncs) == {"index": 1, "_local_scalar_dense": 1, "repeat_interleave": 1}

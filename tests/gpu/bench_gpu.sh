@@ -96,7 +96,7 @@ step versions 60 versions || { echo "versions failed: stopping before the benchm
 B=data.packed_attention=blocks
 # The maths first: a benchmark of a path that computes something else would be worthless.
 step maths 90 "$PY" -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
-  tests/test_packed_attention.py -k "cuda or seed_loss or real_step or mlm or rotary"
+  tests/test_packed_attention.py -k "cuda or seed_loss or real_step or mlm or rotary or waits or filler"
 # First the open question of 2026-11-27: what compiling layer by layer costs (cold start) and gains.
 step compile_time 260 "$PY" tests/gpu/compile_time.py --data "$DATA" --model "$BASE" --batch 512 --steps 10 \
   --modes eager,layers,layers --timeout 90 --out "$WORK/compile_time.json"

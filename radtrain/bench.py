@@ -344,7 +344,7 @@ def _observed_trainer_class():
                 lengths = split.lengths[real[real >= 0]]
                 # A packed micro-batch (packed in _step, after this) computes on its real tokens and
                 # the filler that bounds its length.
-                computed = packed_length(int(lengths.sum()), self.cfg.data.pad_to_multiple_of)
+                computed = packed_length(int(lengths.sum()), self.pad_multiple)
                 record["computed"] += computed if self.packing else int(batch["input_ids"].numel())
                 record["lengths"].append(lengths)
             return batch
@@ -413,7 +413,7 @@ class PresetRun:
         return {
             "padding": data.padding,
             "max_length": data.max_length,
-            "pad_to_multiple_of": data.pad_to_multiple_of,
+            "pad_to_multiple_of": self.trainer.pad_multiple,  # resolved for the device
             "bucket_by_length": data.bucket_by_length,
             "packing": data.packing,
             "packed": bool(self.trainer.packing),

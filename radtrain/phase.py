@@ -393,7 +393,7 @@ def evaluate_export(
     """Evaluate an export: every rank loads it as a plain model (not sharded), evaluates its share
     of the batches, and the outputs are gathered. Used for the final test evaluation and by
     ``radtrain evaluate``, so both give the same numbers."""
-    from radtrain.data.batching import collate
+    from radtrain.data.batching import collate, resolve_pad_multiple
     from radtrain.export import read_meta
 
     meta = read_meta(model_dir)
@@ -405,7 +405,7 @@ def evaluate_export(
     base = threshold if threshold is not None else thresholds.get("fixed", thresholds["global"])
     task = MultiLabelTask(num_labels=model.config.num_labels, threshold=base)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    pad_multiple = data.get("pad_to_multiple_of", cfg.data.pad_to_multiple_of)
+    pad_multiple = resolve_pad_multiple(data.get("pad_to_multiple_of", cfg.data.pad_to_multiple_of), accelerator.device.type)
     pad_length = data.get("max_length", cfg.data.max_length) if data.get("padding") == "max_length" else None
 
     def collate_fn(s, idx):

@@ -23,7 +23,15 @@ import torch
 from radtrain import faults, models, packing
 from radtrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, TrainerState, any_rank
 from radtrain.config import RunConfig
-from radtrain.data.batching import collate, eval_plan, packed_length, padded_width, plan_epoch, rank_slice
+from radtrain.data.batching import (
+    collate,
+    eval_plan,
+    packed_length,
+    padded_width,
+    plan_epoch,
+    rank_slice,
+    resolve_pad_multiple,
+)
 from radtrain.data.sources import DataError
 from radtrain.data.tokens import TokenizedSplit, cache_root
 from radtrain.io import write_text
@@ -140,6 +148,8 @@ class Trainer:
         self.train_split = train_split
         self.eval_split = eval_split
         self.pad_id = pad_id
+        # Widths and packed lengths are multiples of this (data.pad_to_multiple_of; None: per device).
+        self.pad_multiple = resolve_pad_multiple(cfg.data.pad_to_multiple_of, accelerator.device.type)
         self.run_dir = Path(run_dir)
         self.on_best = on_best
         self.tracker = tracker
@@ -203,7 +213,7 @@ class Trainer:
     def _padding(self) -> dict[str, int | None]:
         data = self.cfg.data
         return {
-            "pad_to_multiple_of": data.pad_to_multiple_of,
+            "pad_to_multiple_of": self.pad_multiple,
             "pad_to_length": data.max_length if data.padding == "max_length" else None,
         }
 
@@ -211,10 +221,10 @@ class Trainer:
         return collate(split, indices, self.pad_id, **self._padding())
 
     def _pack(self, batch: dict[str, torch.Tensor]) -> dict:
-        """One packed row, its length bounded like padded widths (data.pad_to_multiple_of)."""
+        """One packed row, its length bounded like padded widths (self.pad_multiple)."""
         return packing.pack(
             batch, token_labels=self.task.name == "mlm", pad_id=self.pad_id,
-            pad_to_multiple_of=self.cfg.data.pad_to_multiple_of,
+            pad_to_multiple_of=self.pad_multiple,
         )
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -495,7 +505,7 @@ class Trainer:
             lengths = self.lengths[rank_slice(global_batch, self.rank, self.world)]
             n, real = len(lengths), int(lengths.sum())
             if self.packing:
-                computed = packed_length(real, self.cfg.data.pad_to_multiple_of)
+                computed = packed_length(real, self.pad_multiple)
                 shape = f"one packed row of {computed} tokens"
             else:
                 width = padded_width(int(lengths.max()) if n else 0, **self._padding())

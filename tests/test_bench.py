@@ -60,8 +60,9 @@ def test_bench_cli_writes_rows(captions, tmp_path, capsys):
     assert seed["padding_fraction"] > 0.6 and seed["settings"]["batch_size"] == 8
     assert seed["settings"]["precision"] == "fp32" and not seed["settings"]["packed"]
     assert fast["padding_fraction"] < 0.3
-    # Packed rows: only the filler that rounds each row to a multiple of 8 (< 8 of ~250 tokens).
-    assert user["settings"]["packed"] and 0 < user["padding_fraction"] < 0.03
+    # data.pad_to_multiple_of=null resolves to 1 on a CPU: packed rows are exact, widths the longest.
+    assert fast["settings"]["pad_to_multiple_of"] == user["settings"]["pad_to_multiple_of"] == 1
+    assert user["settings"]["packed"] and user["padding_fraction"] == 0.0
     assert "captions/s" in capsys.readouterr().out
 
 
@@ -120,7 +121,7 @@ def test_bench_variants_are_named_presets_on_the_user_config(captions, tmp_path)
     assert rows["fast"]["settings"]["batch_size"] == 8 and rows["fast"]["settings"]["packing"] == "auto"
     assert rows["b16"]["settings"]["batch_size"] == 16 and rows["b16"]["settings"]["packed"]
     assert rows["b16_padded"]["settings"]["batch_size"] == 16 and not rows["b16_padded"]["settings"]["packed"]
-    assert rows["b16"]["padding_fraction"] < 0.02 < rows["b16_padded"]["padding_fraction"]  # filler: < 8 tokens a row
+    assert rows["b16"]["padding_fraction"] == 0.0 < rows["b16_padded"]["padding_fraction"]  # CPU: exact packing
 
 
 @pytest.mark.parametrize("spec", ["b16", "b16:", "b16:train.batch_size", ":train.batch_size=16", "seed:train.batch_size=4"])
@@ -197,9 +198,15 @@ def test_fast_path_computes_the_seed_loss(captions, tmp_path):
     trainers, _ = _runs(captions, tmp_path, "classify", {
         "seed": ("seed", []),
         "fast": FAST_FP32,
-        "packed": ("user", ["data.packing=on", "train.precision=fp32"]),
-        "packed_mean": ("user", ["data.packing=on", "train.precision=fp32", "model.classifier_pooling=mean"]),
-        "packed_blocks": ("user", ["data.packing=on", "data.packed_attention=blocks", "train.precision=fp32"]),
+        "fast_x8": ("user", ["train.precision=fp32", "data.pad_to_multiple_of=8"]),  # a GPU's default
+        # Packed rows rounded up as on a GPU: the filler must change nothing.
+        "packed": ("user", ["data.packing=on", "train.precision=fp32", "data.pad_to_multiple_of=8"]),
+        "packed_mean": ("user", [
+            "data.packing=on", "train.precision=fp32", "model.classifier_pooling=mean", "data.pad_to_multiple_of=8"
+        ]),
+        "packed_blocks": ("user", [
+            "data.packing=on", "data.packed_attention=blocks", "train.precision=fp32", "data.pad_to_multiple_of=8"
+        ]),
         "seed_mean": ("seed", ["model.classifier_pooling=mean"]),
     })
     assert not trainers["seed"].packing and trainers["packed"].packing
@@ -213,11 +220,14 @@ def test_fast_path_computes_the_seed_loss(captions, tmp_path):
         results = {name: _forward_backward(t, picks) for name, t in trainers.items()}
         seed = results["seed"]
         assert seed["width"] == (8, 256)  # the series' shape
-        assert results["fast"]["width"] == (8, -(-int(split.lengths[picks].max()) // 8) * 8)
+        longest = int(split.lengths[picks].max())
+        assert results["fast"]["width"] == (8, longest)  # on a CPU radtrain pads to the longest caption
+        assert results["fast_x8"]["width"] == (8, -(-longest // 8) * 8)
         real = int(split.lengths[picks].sum())
         assert results["packed"]["width"] == (1, packed_length(real, 8)) and packed_length(real, 8) > real  # filler
         for name, reference in (
-            ("fast", "seed"), ("packed", "seed"), ("packed_blocks", "seed"), ("packed_mean", "seed_mean")
+            ("fast", "seed"), ("fast_x8", "seed"), ("packed", "seed"), ("packed_blocks", "seed"),
+            ("packed_mean", "seed_mean"),
         ):
             got, ref = results[name], results[reference]
             assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), name

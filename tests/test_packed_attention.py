@@ -8,7 +8,7 @@ from transformers import ModernBertConfig, ModernBertForSequenceClassification
 from transformers.models.modernbert import modeling_modernbert
 
 from radtrain import packing
-from radtrain.data.batching import packed_length
+from radtrain.data.batching import packed_length, resolve_pad_multiple
 from radtrain.opcount import OpCounter
 
 LENGTHS = [150, 7, 33, 64, 2, 90]  # one caption longer than the local window (128), one of 2 tokens
@@ -154,6 +154,8 @@ def test_packed_lengths_are_bounded():
     assert len(set(lengths)) < 700  # against 69,999 exact lengths
     assert [packed_length(t, 1) for t in (1, 257, 14_001)] == [1, 257, 14_001]  # exact packing stays exact
     assert packed_length(5, 12) == 12 and packed_length(9000, 12) % 12 == 0
+    # The default (null) bounds shapes where per-shape work is reused (a GPU), not on a CPU.
+    assert [resolve_pad_multiple(None, "cuda"), resolve_pad_multiple(None, "cpu"), resolve_pad_multiple(32, "cpu")] == [8, 1, 32]
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

@@ -71,10 +71,21 @@ def padded_width(longest: int, pad_to_multiple_of: int = 1, pad_to_length: int |
     return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
 
 
+def resolve_pad_multiple(setting: int | None, device_type: str) -> int:
+    """data.pad_to_multiple_of, ``None`` resolved for the device the step runs on: 8 on a GPU,
+    where every new shape redoes per-shape work (kernel choices, compiled graphs), and 1 on a CPU,
+    where nothing is reused per shape and rounding widths up to 8 cost 7% of the captions/s of
+    radtrain's default batches (docs/benchmarks.md)."""
+    if setting is not None:
+        return setting
+    return 1 if device_type == "cpu" else 8
+
+
 def packed_length(tokens: int, pad_to_multiple_of: int = 1) -> int:
     """The length ``packing.pack`` gives a packed row of ``tokens`` real tokens: a multiple of
     ``pad_to_multiple_of``, coarsened to about 1/64 of the row, so a run meets at most 64 lengths
-    per doubling of the row and the filler stays under max(pad_to_multiple_of, tokens / 64).
+    per doubling of the row (for a power-of-two multiple, as the defaults are; ~90 otherwise) and
+    the filler stays under max(pad_to_multiple_of, tokens / 64).
 
     Why bound them: every new length is a new shape for each matrix product and compiled graph, so
     per-shape work (cuBLAS's kernel choice, Inductor's and CUDA graphs' per-shape code) is redone

@@ -165,11 +165,17 @@ def gather_masked_tokens(model) -> None:
     positions, and the head, decoder and loss run on them with targets of the same length.
 
     transformers' own sparse prediction selects the tokens with a boolean mask on the device
-    (``hidden[labels != -100]``), whose output size the host must wait for: two syncs per
-    micro-batch, each draining the GPU's queue in the middle of the step. Its sparse branch is
+    (``hidden[labels != -100]``, and the labels, and again in the backward), whose output size
+    the host must wait for: three waits per micro-batch, each draining the GPU's queue in the
+    middle of the step. Its sparse branch is
     turned off on the instance (the config keeps ``sparse_prediction``); without an index the model
     decodes every token, correct and slower."""
-    encoder = model.model
+    encoder = getattr(model, "model", None)
+    if type(encoder).__name__ != "ModernBertModel":
+        raise ConfigError(
+            f"the MLM phase trains ModernBERT models; {type(model).__name__} is not one. Use a ModernBERT "
+            "checkpoint (answerdotai/ModernBERT-base or -large, or a scratch:<size> model) for model.name"
+        )
     if not getattr(encoder, "_radtrain_gathers", False):
         encoder.register_forward_pre_hook(_take_masked_index, with_kwargs=True)
         encoder.register_forward_hook(_gather_masked, with_kwargs=True)

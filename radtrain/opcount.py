@@ -25,7 +25,10 @@ _NO_KERNEL = {"detach", "_unsafe_view", "alias", "lift_fresh", "empty", "empty_l
 # Operators the host must wait for the device to finish before it can go on: a value read back
 # (.item(), bool()), or an output whose size depends on the values (boolean-mask indexing is
 # nonzero underneath). On a GPU each drains the queue of launched kernels mid-step.
-_SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+_SYNCING = {
+    "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "bincount",
+    "equal",
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -45,7 +48,12 @@ class OpCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if not func.is_view and name not in _NO_KERNEL and self._on_device(args, kwargs, out):
             self.counts[name] += 1
-            if name in _SYNCING or _boolean_index(name, args) or _sized_by_values(name, args, kwargs):
+            if (
+                name in _SYNCING
+                or _boolean_index(name, args)
+                or _sized_by_values(name, args, kwargs)
+                or self._read_back(name, args, kwargs, out)
+            ):
                 self.syncs[name] += 1
         return out
 
@@ -55,6 +63,17 @@ class OpCounter(TorchDispatchMode):
         leaves = tree_leaves((args, kwargs, out))
         return any(isinstance(x, torch.Tensor) and x.device.type == self.device_type for x in leaves)
 
+    def _read_back(self, name: str, args, kwargs, out) -> bool:
+        """A blocking copy from the device to the host (``.cpu()``, ``.tolist()``); on a CPU run
+        there is no such device, so these can only be seen on the GPU itself."""
+        if self.device_type is None or name not in ("_to_copy", "copy_"):
+            return False
+        if (kwargs or {}).get("non_blocking") or (name == "copy_" and len(args) > 2 and args[2]):
+            return False
+        source, target = (args[0], out) if name == "_to_copy" else (args[1], args[0])
+        tensors = isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor)
+        return tensors and source.device.type == self.device_type and target.device.type == "cpu"
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -62,7 +81,7 @@ class OpCounter(TorchDispatchMode):
 
 def _boolean_index(name: str, args) -> bool:
     """``x[mask]`` (and its backward): indices that are a boolean tensor."""
-    if name not in ("index", "index_put", "_index_put_impl") or len(args) < 2:
+    if name not in ("index", "index_put", "index_put_", "_index_put_impl", "_index_put_impl_") or len(args) < 2:
         return False
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
 

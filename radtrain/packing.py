@@ -2,8 +2,8 @@
 
 transformers 5's ModernBERT no longer unpads: a padded batch spends its embeddings, projections
 and MLPs on padding. A packed micro-batch is the same captions concatenated into one row of T real
-tokens, with per-caption positions and boundaries (``cu_seqlens``), so only the attention needs to
-know where captions start:
+tokens (and a little filler that bounds the row's length, ``pack``), with per-caption positions and
+boundaries (``cu_seqlens``), so only the attention needs to know where captions start:
 
 - CUDA with flash-attn installed: ``attn_implementation="flash_attention_2"``; transformers takes
   ``cu_seq_lens_q/k`` and ``max_length_q/k`` and calls flash-attn's varlen kernel.

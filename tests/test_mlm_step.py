@@ -88,3 +88,15 @@ def test_evaluation_filler_rows_get_no_masked_token_and_the_same_metrics():
     expected = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
     torch.testing.assert_close(sums[0], expected, rtol=1e-6, atol=0)
     assert sums[2] == target.numel()
+
+
+def test_a_model_other_than_modernbert_is_refused_with_the_fix():
+    """Before: a BERT MLM built fine and failed at its first evaluation with a batch-size mismatch."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from radtrain.config import ConfigError
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64))
+    with pytest.raises(ConfigError, match="BertForMaskedLM is not one.*model.name"):
+        models.gather_masked_tokens(bert)

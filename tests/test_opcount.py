@@ -35,5 +35,7 @@ def test_operators_that_wait_for_the_device_are_flagged():
         torch.repeat_interleave(x, lengths)
         torch.repeat_interleave(x, lengths, output_size=5)  # size given: no wait
         x[torch.tensor([0, 2])]  # integer index: no wait
+        y = x.clone()
+        y[x > 0] = 0.0  # in place: index_put_ with a mask
         x * 2
-    assert dict(counter.syncs) == {"index": 1, "_local_scalar_dense": 1, "repeat_interleave": 1}
+    assert dict(counter.syncs) == {"index": 1, "_local_scalar_dense": 1, "repeat_interleave": 1, "index_put_": 1}

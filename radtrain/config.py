@@ -52,9 +52,10 @@ class DataConfig:
     pad_to_multiple_of: int | None = None
     """Bounds the number of distinct batch shapes (kernel plans, compile caches): padded widths
     are multiples of it; packed rows are rounded up to a multiple of it coarsened to ~1/64 of the
-    row (at most 64 lengths per doubling for a power of two; the filler, < 1/64 of the row or < this, computes
-    nothing that reaches a caption). 1: exact widths and packed lengths. None: 8 where the step
-    runs on a GPU, 1 on a CPU (no per-shape work to reuse there; rounding cost 7% of captions/s)."""
+    row (at most 64 lengths per doubling for a power of two; the filler, < 1/64 of the row or
+    < this, computes nothing that reaches a caption). 1: exact widths and packed lengths. None: 8
+    where the step runs on a GPU, 1 on a CPU (no per-shape work to reuse there; rounding cost 7%
+    of captions/s)."""
     bucket_by_length: bool = True
     """Group captions of similar length into batches so little compute is spent on padding."""
     packing: str | bool = "auto"

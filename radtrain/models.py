@@ -167,9 +167,8 @@ def gather_masked_tokens(model) -> None:
     transformers' own sparse prediction selects the tokens with a boolean mask on the device
     (``hidden[labels != -100]``, and the labels, and again in the backward), whose output size
     the host must wait for: three waits per micro-batch, each draining the GPU's queue in the
-    middle of the step. Its sparse branch is
-    turned off on the instance (the config keeps ``sparse_prediction``); without an index the model
-    decodes every token, correct and slower."""
+    middle of the step. Its sparse branch is turned off on the instance (the config keeps
+    ``sparse_prediction``); without an index the model decodes every token, correct and slower."""
     encoder = getattr(model, "model", None)
     if type(encoder).__name__ != "ModernBertModel":
         raise ConfigError(

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from radtrain.config import ConfigError
+from radtrain.data.batching import packed_length
 
 log = logging.getLogger(__name__)
 
@@ -377,8 +378,6 @@ def pack(batch: dict[str, torch.Tensor], token_labels: bool, pad_id: int = 0, pa
     MLM label -100) after the captions, in segments of their own no longer than the longest
     caption, so they attend only to filler, leave ``max_seqlen`` (and the block width of
     ``blocks`` attention) unchanged, and are dropped by the classifier's per-caption pooling."""
-    from radtrain.data.batching import packed_length
-
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(1)
     captions = lengths.numel()

@@ -35,6 +35,9 @@ Numbers reported per preset (one JSON row each):
 - ops_per_step: ATen operators one more (untimed) step dispatches, forward, backward and
   optimizer (``radtrain.opcount``): the kernel launches an eager step makes, the figure a
   launch-bound GPU step's time follows; measurable on a CPU. None for compiled presets.
+- waits_per_step (GPU only): of those, the operators that make the host wait for the device
+  (``OpCounter.syncs``: a value read back, an output sized by values); 1 is the step's own loss
+  read-back. None on a CPU, where the host's batch preparation cannot be told apart.
 """
 
 from __future__ import annotations
@@ -250,6 +253,8 @@ class Row:
     device, inside step_ms: on a GPU the device waits for it."""
     ops_per_step: int | None = None
     """Operators one step dispatches (radtrain.opcount): its kernel launches; None when compiled."""
+    waits_per_step: int | None = None
+    """Of those, the ones that make the host wait for the GPU (None on a CPU)."""
     error: str | None = None
 
 
@@ -402,6 +407,7 @@ class PresetRun:
         self.memory_method = ""
         self.losses: list[float] = []
         self.ops_per_step: int | None = None
+        self.waits_per_step: int | None = None
 
     def _activate(self) -> None:
         """accelerate's state is process-global (Borg dicts); give it back this preset's values
@@ -503,6 +509,8 @@ class PresetRun:
             log.warning("bench preset %s: operators not counted: %s", self.name, str(exc).splitlines()[:1])
             return
         self.ops_per_step = round(counter.total / n)
+        if self.device.type != "cpu":
+            self.waits_per_step = round(sum(counter.syncs.values()) / n)
 
     def row(self) -> Row:
         if self.error is not None:
@@ -534,6 +542,7 @@ class PresetRun:
             final_loss=float(np.mean(self.losses[-max(1, self.steps // 5):])) if self.losses else None,
             host_ms_per_step=1000.0 * self.record["host_s"] / max(self.steps, 1),
             ops_per_step=self.ops_per_step,
+            waits_per_step=self.waits_per_step,
         )
 
 

@@ -54,6 +54,7 @@ def test_bench_cli_writes_rows(captions, tmp_path, capsys):
         assert row["mfu"] is None  # no GPU here: MFU is only reported against a known GPU peak
         # One more step, counted: forward, backward, clipping and AdamW of a 2-layer model.
         assert isinstance(row["ops_per_step"], int) and 100 < row["ops_per_step"] < 2000
+        assert row["waits_per_step"] is None  # a CPU: the host's own work cannot be told apart
         assert 0 < row["host_ms_per_step"] < row["step_ms"]  # batch preparation, part of the step
     seed, fast, user = rows
     # The series pads every ROCO caption to 256 tokens: most of what it computes is padding.
@@ -271,15 +272,18 @@ def test_packed_step_waits_for_the_device_only_at_its_end(captions, tmp_path, ph
     device (on a GPU each read drains the launch queue mid-step); the step's one read is its end."""
     from radtrain.opcount import OpCounter
 
-    trainers, _ = _runs(captions, tmp_path, phase, {"packed": ("user", ["data.packing=on", "train.precision=fp32"])})
-    trainer = trainers["packed"]
-    batches, _, _ = trainer._host_batches(0, 0, [_mixed_batch(trainer.train_split)])
-    trainer.model.train()
-    with OpCounter() as counter:
-        trainer.acc.backward(trainer.task.loss_sum(trainer.model, batches[0]))
-        trainer.acc.clip_grad_norm_(trainer.model.parameters(), 1.0)
-        trainer.optimizer.step()
-    assert counter.total > 100 and not counter.syncs, dict(counter.syncs)
+    variants = {"packed": ("user", ["data.packing=on", "train.precision=fp32"])}
+    if torch.cuda.is_available():  # and the GPU's own path: bf16, the varlen kernel
+        variants["packed_bf16"] = ("user", ["data.packing=on", "train.precision=bf16"])
+    trainers, _ = _runs(captions, tmp_path, phase, variants)
+    for name, trainer in trainers.items():
+        batches, _, _ = trainer._host_batches(0, 0, [_mixed_batch(trainer.train_split)])
+        trainer.model.train()
+        with OpCounter() as counter:
+            trainer.acc.backward(trainer.task.loss_sum(trainer.model, batches[0]))
+            trainer.acc.clip_grad_norm_(trainer.model.parameters(), 1.0)
+            trainer.optimizer.step()
+        assert counter.total > 100 and not counter.syncs, (name, dict(counter.syncs))
 
 
 def test_compiled_packed_step_matches_eager_and_compiles_once(captions, tmp_path, monkeypatch):

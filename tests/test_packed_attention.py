@@ -198,3 +198,50 @@ def test_filler_takes_no_mlm_label():
     assert (packed["labels"][0, real:] == -100).all() and (packed["input_ids"][0, real:] == 3).all()
     assert torch.equal(packed["labels"][0, :real], labels[mask.bool()])
     assert batch["cu_seqlens"].numel() == len(LENGTHS) + 1  # pack() without a multiple: exact
+
+
+def _attention_probe():
+    """tests/gpu/attention_probe.py (a script, not a package module) loaded by its path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "gpu" / "attention_probe.py"
+    spec = importlib.util.spec_from_file_location("attention_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("block", [128, 64])
+@pytest.mark.parametrize("window", [None, 64])
+def test_flex_document_mask_is_per_caption_attention(block, window):
+    """The block-diagonal FlexAttention mask the GPU probe measures: its element mask computes
+    exactly radtrain's per-caption attention (forward only: FlexAttention has no CPU backward, and
+    eager FlexAttention evaluates the element mask densely), and its block lists, which only the
+    GPU kernel reads, name every block holding an allowed pair (exactly those without a window).
+    Captions longer than a mask block and than ModernBERT's local window exercise both."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    probe = _attention_probe()
+    lengths = torch.tensor([3, 200, 17, 90, 1, 64, 129, 40, 5, 77])
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu[1:])
+    total = int(cu[-1])
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(total, 2, 16, generator=generator) for _ in range(3))
+    expected = packing._padded_attention(q, k, v, cu, int(lengths.max()), 0.25, None if window is None else window + 1)
+    mask = probe.document_block_mask(cu, total, window, block)
+
+    def heads_first(x):
+        return x.transpose(0, 1).unsqueeze(0)
+
+    with torch.no_grad():
+        out = flex_attention(heads_first(q), heads_first(k), heads_first(v), block_mask=mask, scale=0.25)
+    torch.testing.assert_close(out[0].transpose(0, 1), expected, rtol=1e-5, atol=1e-5)
+
+    listed = mask.to_dense()[0, 0].bool()  # (query blocks, key blocks) the kernel would visit
+    needed = create_block_mask(mask.mask_mod, None, None, total, total, device="cpu", BLOCK_SIZE=block)
+    needed = needed.to_dense()[0, 0].bool()
+    assert not (needed & ~listed).any(), "a block with an allowed (query, key) pair is not listed"
+    if window is None:
+        assert torch.equal(listed, needed)

@@ -16,6 +16,9 @@
 #                   and the warm start from a filled Inductor cache
 #   compile         `radtrain bench`, base: seed, batch 512 eager vs compiled, batch 128 compiled,
 #                   and batch 512 packed to exact lengths (every step a new matrix-product shape)
+#   attention       one attention call (fwd + bwd, base shape, batch 512 of real lengths): the varlen
+#                   kernel vs block attention vs FlexAttention with a per-caption block mask
+#                   (several captions per tile: the base MFU floor), compile and mask-build times
 #   packed_forward  radtrain's packed attention forward vs transformers' (base, batch 512)
 #   cls_base        base: seed, fast, batch 512 packed with the varlen kernel and with block
 #                   attention (a preset that runs out of memory is reported as such; the others
@@ -40,6 +43,7 @@ DEADLINE=${RADTRAIN_GPU_DEADLINE:-$(($(date +%s) + BUDGET))}
 WORK=${WORK:-$(mktemp -d /tmp/radtrain-gpu.XXXXXX)}
 PY=${PY:-python3}  # tests/gpu/device_run.sh sets it to the interpreter that has torch
 BASE=${BASE:-scratch:base} LARGE=${LARGE:-scratch:large} STEPS=${STEPS:-20}  # smaller: a CPU dry run
+ATTN_BATCH=${ATTN_BATCH:-512}  # a CPU dry run: 32 (eager FlexAttention there builds the dense T x T scores)
 START=$SECONDS
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 mkdir -p "$OUT" "$WORK"
@@ -104,6 +108,8 @@ step compile 150 bench compile --model "$BASE" --steps "$STEPS" --warmup 3 --rou
   --variant b512:train.batch_size=512 --variant b512_compiled:train.batch_size=512,train.compile=true \
   --variant b128_compiled:train.batch_size=128,train.compile=true \
   --variant b512_exact:train.batch_size=512,data.pad_to_multiple_of=1
+# Is an attention with several captions per tile faster than the varlen kernel (the base floor)?
+step attention 150 "$PY" tests/gpu/attention_probe.py --data "$DATA" --batch "$ATTN_BATCH" --json "$WORK/attention.json"
 # radtrain's packed attention forward against transformers' own (same batches, same weights).
 step packed_forward 90 "$PY" tests/gpu/packed_forward.py --data "$DATA" --model "$BASE" --steps "$STEPS" \
   --json "$WORK/packed_forward.json" train.batch_size=512 data.min_label_count=10
@@ -127,5 +133,5 @@ echo "== total $((SECONDS - START))s"
 cat "$OUT/steps.txt"
 for f in "$WORK"/*.log; do
   echo "== $(basename "$f")"
-  grep -E "^(preset|-----|seed |fast |b[0-9]|user |radtrain|transformers |\| |plain|zero|device|torch|wall|GPU busy|[0-9]+ passed|FAILED|\{\"mode)" "$f" | head -20
+  grep -E "^(preset|-----|seed |fast |b[0-9]|user |radtrain|transformers |\| |plain|zero|device|torch|wall|GPU busy|[0-9]+ passed|FAILED|varlen|blocks|flex|\{\"mode)" "$f" | head -20
 done

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from radtrain.cli import positive_int
 from radtrain.config import ConfigError, RunConfig, load_config
 from radtrain.io import replacing, write_json
 
@@ -268,9 +269,10 @@ def run_baseline(
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from radtrain.phase import setup_logging
+    from radtrain.phase import check_model_source, setup_logging
 
     setup_logging(True)
+    check_model_source(args.model, "--model")
     overrides = [f"data.source={args.data}"] + list(args.overrides)
     output = args.output_dir or f"runs/baseline-{args.features}"
     cfg = load_config(args.config, overrides + [f"output_dir={output}"])
@@ -293,7 +295,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help="inverse L2 strength of each logistic regression; several values are compared on validation "
         "(default: 1 10 100 for tfidf, 1 for model features)",
     )
-    p.add_argument("--max-iter", type=int, default=200, help="iteration bound per label (liblinear)")
-    p.add_argument("--batch-size", type=int, default=64, help="captions per forward pass for --features model")
+    p.add_argument("--max-iter", type=positive_int, default=200, help="iteration bound per label (liblinear)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="captions per forward pass for --features model")
     p.add_argument("overrides", nargs="*", help="data.* and train.threshold* overrides, e.g. data.min_label_count=10")
     p.set_defaults(func=cmd_baseline)

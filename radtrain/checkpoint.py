@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from radtrain import faults
+from radtrain.io import apply_umask
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ class TrainerState:
     train_time_s: float = 0.0
     history: list[dict] = field(default_factory=list)
     total_steps: int = 0  # the run's planned optimizer steps (0: written before radtrain recorded it)
+    # The train loss summed since the last train_log row: a resume between two rows must log
+    # the same mean as a run that was never stopped.
+    log_window_loss: float = 0.0
+    log_window_items: int = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainerState:
@@ -114,9 +120,22 @@ class CheckpointInfo:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, fingerprint: str, world_size: int, keep: int, data_digest: str | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        fingerprint: str,
+        world_size: int,
+        keep: int,
+        data_digest: str | None = None,
+        config=None,
+        task: str | None = None,
+        layout: str | None = None,
+    ):
         self.root = Path(run_dir) / "checkpoints"
         self.fingerprint = fingerprint
+        # This run's RunConfig and phase: with them a refused resume names the keys that differ.
+        self.config, self.task = config, task
+        self.layout = layout  # checkpoint_layout(accelerator): how the optimizer state is sharded
         self.data_digest = data_digest  # the training split's TokenizedSplit.digest()
         self.world_size = world_size
         self.keep = keep
@@ -126,22 +145,28 @@ class CheckpointManager:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _validate(self, path: Path) -> CheckpointInfo | None:
+    def _inspect(self, path: Path) -> CheckpointInfo | str | None:
+        """A ``step-N`` directory's CheckpointInfo, or why it cannot be resumed from (a string);
+        None for anything that is not a checkpoint directory (``.tmp-step-*`` work in progress)."""
         match = STEP_DIR.match(path.name)
-        manifest_path = path / MANIFEST
-        if not match or not manifest_path.is_file():
+        if not match:
             return None
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return f"no {MANIFEST} manifest"
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError):
-            log.warning("checkpoint %s: unreadable manifest, skipped", path)
-            return None
+            return f"unreadable {MANIFEST} manifest"
         for rel, size in manifest.get("files", {}).items():
             file = path / rel
             if not file.is_file() or file.stat().st_size != size:
-                log.warning("checkpoint %s: %s is missing or truncated, skipped", path, rel)
-                return None
+                return f"{rel} is missing or truncated"
         return CheckpointInfo(path=path, step=int(match.group(1)), manifest=manifest)
+
+    def _validate(self, path: Path) -> CheckpointInfo | None:
+        found = self._inspect(path)
+        return found if isinstance(found, CheckpointInfo) else None
 
     def complete_checkpoints(self) -> list[CheckpointInfo]:
         """Valid checkpoints, newest first."""
@@ -150,12 +175,29 @@ class CheckpointManager:
         found = [self._validate(p) for p in self.root.iterdir() if p.is_dir()]
         return sorted((c for c in found if c is not None), key=lambda c: c.step, reverse=True)
 
+    def damaged_checkpoints(self) -> list[tuple[Path, str]]:
+        """``step-N`` directories that cannot be resumed from, and why, newest first. Only a
+        finished write is renamed to ``step-N``, so each of these was damaged afterwards (a file
+        deleted or truncated): never a kill mid-write, whose ``.tmp-step-N`` is not listed."""
+        if not self.root.is_dir():
+            return []
+        found = [(p, self._inspect(p)) for p in self.root.iterdir() if p.is_dir()]
+        return sorted(((p, why) for p, why in found if isinstance(why, str)), key=lambda x: x[0].name, reverse=True)
+
     def check_compatible(self, info: CheckpointInfo) -> None:
         if info.manifest.get("fingerprint") != self.fingerprint:
+            why = self._other_configuration(info)
+            if why is not None:
+                raise CheckpointError(why)
+            log.info("checkpoint %s: fingerprint from another radtrain version; every setting that changes the "
+                     "maths equals the run's saved config.yaml, so it resumes", info.path)
+        saved_layout = info.manifest.get("layout")
+        if saved_layout and self.layout and saved_layout != self.layout:
             raise CheckpointError(
-                f"{info.path.parent.parent} holds checkpoints of a different configuration "
-                f"(fingerprint {info.manifest.get('fingerprint')} != {self.fingerprint}; the saved one is in "
-                f"{info.path.parent.parent / 'config.yaml'}). Use a new output_dir, or the same settings to resume."
+                f"{info.path} was written under {_describe_layout(saved_layout)} and this run is "
+                f"{_describe_layout(self.layout)}: its optimizer state is laid out for the other. Relaunch with the "
+                "accelerate config it was written with (accelerate_configs/), or start a new output_dir with "
+                "model.init_from=<run>/best to continue from the exported weights."
             )
         if info.world_size != self.world_size:
             raise CheckpointError(
@@ -173,6 +215,46 @@ class CheckpointManager:
                 "datasets in one schedule. Restore the original data to resume, or start a new output_dir "
                 "(model.init_from=<run>/best continues from the exported weights)."
             )
+
+    def _other_configuration(self, info: CheckpointInfo) -> str | None:
+        """Why a checkpoint whose fingerprint is not this run's belongs to another run, naming the
+        task or the settings that differ (from the run directory's config.yaml, which is the
+        checkpoints' own: it is written only once a start has passed these checks). None when no
+        setting that changes the maths differs: a fingerprint hashed by another radtrain version
+        (one with other resume-safe keys, or without a key added since)."""
+        from radtrain.config import PHASES, config_differences, config_from_dict
+
+        run_dir = self.root.parent
+        saved_path = run_dir / "config.yaml"
+        fingerprint = info.manifest.get("fingerprint")
+        saved = None
+        if self.config is not None and saved_path.is_file():
+            try:
+                saved = config_from_dict(yaml.safe_load(saved_path.read_text()) or {})
+            except Exception:  # an unreadable or foreign config.yaml: say what we know
+                saved = None
+        written_by = info.manifest.get("task")  # recorded since radtrain wrote it; else from the hash
+        if written_by is None and saved is not None:
+            written_by = next((t for t in PHASES if saved.fingerprint(t) == fingerprint), None)
+        if self.task is not None and written_by not in (None, self.task):
+            return (
+                f"{run_dir} holds a {written_by} run's checkpoints and this is a {self.task} run: it would "
+                f"overwrite them. Use a new output_dir (model.init_from={run_dir / 'best'} starts from that "
+                "run's export)."
+            )
+        if saved is None:
+            return (
+                f"{run_dir} holds checkpoints of a different configuration (fingerprint {fingerprint} != "
+                f"{self.fingerprint}; the saved one is in {saved_path}). Use a new output_dir, or the same "
+                "settings to resume."
+            )
+        differences = config_differences(saved, self.config)
+        if not differences:
+            return None
+        return (
+            f"{run_dir} holds checkpoints of a run with other settings ({'; '.join(differences)}; saved in "
+            f"{saved_path}). Resume with the saved settings, or use a new output_dir for these."
+        )
 
     def verify(self, info: CheckpointInfo) -> None:
         """Deep check before loading: every file's sha256 against the manifest. (Listing and
@@ -216,10 +298,13 @@ class CheckpointManager:
         if not any_rank(accelerator, error is not None) and accelerator.is_main_process:
             try:
                 (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+                apply_umask(tmp)
                 faults.hit("checkpoint-write")  # test hook: tensors written, manifest not yet
                 files = _manifest_for(tmp)
                 manifest = {
                     "fingerprint": self.fingerprint,
+                    "task": self.task,
+                    "layout": self.layout,
                     "data_digest": self.data_digest,
                     "world_size": self.world_size,
                     "global_step": state.global_step,
@@ -263,15 +348,37 @@ class CheckpointManager:
         ``checkpoints/`` is touched: ``best/`` is a separate export and never rotated.
 
         A checkpoint of a later step can only be one that failed to load when this run resumed
-        from an older one: it neither counts nor is deleted here (training overwrites it when it
-        reaches that step). Counting it would let a corrupt checkpoint push out the one just
-        written (with keep=1, every good checkpoint)."""
+        from an older one: it neither counts nor is deleted here (training overwrites or removes
+        it when it reaches that step). Counting it would let a corrupt checkpoint push out the one
+        just written (with keep=1, every good checkpoint)."""
         complete = [c for c in self.complete_checkpoints() if c.step <= written_step]
         for old in complete[self.keep :]:
             shutil.rmtree(old.path, ignore_errors=True)
+        # Damaged ones (reported when the run resumed past them) up to this step: no resume can
+        # use them, and a stop checkpoint's step may never be written again to replace it.
+        for path, _ in self.damaged_checkpoints():
+            if int(STEP_DIR.match(path.name).group(1)) <= written_step:
+                shutil.rmtree(path, ignore_errors=True)
         # Leftovers of writes that were killed.
         for stale in self.root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def checkpoint_layout(accelerator) -> str:
+    """How a checkpoint's model and optimizer state are stored: 'plain' (one process or DDP:
+    whole tensors) or 'deepspeed-zero<stage>' (sharded files of DeepSpeed's own). A resume must
+    use the same; the world size is checked separately."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "plain"
+
+
+def _describe_layout(layout: str) -> str:
+    if layout.startswith("deepspeed-zero"):
+        return f"DeepSpeed ZeRO-{layout.removeprefix('deepspeed-zero')}"
+    return "plain data parallelism (one process or DDP, no DeepSpeed)"
 
 
 def write_failed(target: Path, exc: BaseException, kept: str) -> str:

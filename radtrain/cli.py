@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from radtrain.config import ConfigError, load_config, valid_keys
+from radtrain.config import ConfigError, load_config, parse_override, valid_keys
 
 log = logging.getLogger("radtrain")
 
@@ -23,6 +23,28 @@ EXIT_PUSH_FAILED = 3  # training succeeded, publishing did not
 # EXIT_RESUME (75) lives in radtrain.trainer: stopped on a signal, checkpoint saved, start again.
 
 OVERRIDES_HELP = "dotted overrides, e.g. train.lr=3e-5 data.source=path/to/dir (keys: see --list-keys)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, an iteration bound)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a decision threshold, a probability in [0, 1] (0 emits every label)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +90,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from radtrain.demo import run_demo
 
+    if any(parse_override(o)[0] == "output_dir" for o in args.overrides):
+        raise ConfigError("radtrain demo: give the directory as --output-dir DIR (its mlm/ and classify/ runs go "
+                          "inside it); an output_dir= override would send both phases into one directory")
     run_demo(args.output_dir, args.overrides)
     return EXIT_OK
 
@@ -102,15 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--split", default="test", choices=("train", "validation", "test"))
     ev.add_argument("--output", help="write the metrics as JSON here")
-    ev.add_argument("--threshold", type=float, help="override the export's decision thresholds")
+    ev.add_argument("--threshold", type=probability, help="override the export's decision thresholds")
     ev.add_argument("overrides", nargs="*", help="data.* overrides (e.g. data.text_column=text)")
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict CUIs for texts; one JSON object per text")
     pr.add_argument("--model", required=True, help="an export directory (a run's best/)")
-    pr.add_argument("--threshold", type=float, help="override the export's decision thresholds")
+    pr.add_argument("--threshold", type=probability, help="override the export's decision thresholds")
     pr.add_argument("--input", help=".jsonl (field 'caption' or 'text') or .txt (one text per line)")
-    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--batch-size", type=positive_int, default=32)
     pr.add_argument("texts", nargs="*")
     pr.set_defaults(func=cmd_predict)
 
@@ -152,7 +177,14 @@ def _register_extras() -> None:
 def main(argv: list[str] | None = None) -> int:
     _register_extras()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides (and predict's texts) may also come after options: `classify data.source=X
+    # --output-dir D model.name=Y`. argparse's intermixed parsing does not support subcommands.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        target = getattr(args, "overrides", getattr(args, "texts", None))
+        if target is None or any(token.startswith("-") for token in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        target.extend(extra)
     if args.list_keys:
         print("\n".join(valid_keys()))
         return EXIT_OK

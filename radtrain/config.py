@@ -6,9 +6,11 @@ values in ``__post_init__`` so a bad value fails at start, before anything is wr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +86,11 @@ class DataConfig:
         _check(0.0 < self.test_fraction < 0.9, "data.test_fraction must be in (0, 0.9)")
         _check(self.padding in ("longest", "max_length"), "data.padding must be 'longest' or 'max_length'")
         _check(
+            self.label_delimiter != "",
+            "data.label_delimiter is empty; give the character between CUIs (quote it where YAML would "
+            "eat it: data.label_delimiter='|'), or 'auto'",
+        )
+        _check(
             self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1,
             "data.pad_to_multiple_of must be >= 1 (or null: 8 on a GPU, 1 on a CPU)",
         )
@@ -124,6 +131,16 @@ class ModelConfig:
         _check(0.0 < self.mlm_probability < 1.0, "model.mlm_probability must be in (0, 1)")
         _check(
             self.classifier_pooling in (None, "cls", "mean"), "model.classifier_pooling must be cls, mean or null"
+        )
+        _check(
+            self.classifier_dropout is None or 0.0 <= self.classifier_dropout < 1.0,
+            f"model.classifier_dropout must be in [0, 1) or null, got {self.classifier_dropout}",
+        )
+        known = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "radtrain_varlen")
+        _check(
+            self.attn_implementation is None or self.attn_implementation in known or "/" in self.attn_implementation,
+            f"model.attn_implementation={self.attn_implementation!r} is not one of {known} (or a Hub kernel "
+            "'org/name'); leave it unset to let radtrain and transformers choose",
         )
 
     @property
@@ -183,6 +200,9 @@ class TrainConfig:
     """Always emit each caption's most probable label, whatever the thresholds (ImageCLEF style)."""
 
     def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, float):
+                _check(math.isfinite(value), f"train.{name} must be a finite number, got {value}")
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         self.epochs = float(self.epochs)  # 20 and 20.0 must fingerprint the same for resume
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be positive or null")
@@ -193,6 +213,9 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.adam_eps > 0, f"train.adam_eps must be > 0, got {self.adam_eps}")
         _check(self.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
         _check(self.save_total_limit >= 1, "train.save_total_limit must be >= 1")
         _check(0.0 < self.threshold < 1.0, "train.threshold must be in (0, 1)")
@@ -269,6 +292,9 @@ class RunConfig:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The two training phases (a run directory holds one of them).
+PHASES = ("mlm", "classify")
+
 # Keys a resumed run may change without changing what it computes.
 RESUME_SAFE_KEYS = (
     "output_dir",
@@ -277,12 +303,34 @@ RESUME_SAFE_KEYS = (
     "train.log_every_steps",
     "train.eval_batch_size",
     "train.save_every_steps",
+    "train.save_total_limit",  # how many checkpoints to keep (the fix after a full disk)
+    "train.max_nan_steps",  # when to give up on non-finite steps; a finite run is unchanged
     "train.compile",
     "data.packing",  # packed and padded batches compute the same loss (tests/test_bench.py)
     "data.pad_to_multiple_of",  # widths and packed filler change no loss either (tests/test_bench.py)
     "data.packed_attention",  # so do both attentions of packed batches (tests/test_bench.py)
     "data.cache_dir",
 )
+
+
+def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
+    """The keys outside RESUME_SAFE_KEYS on which two configs differ, as ``key: saved -> current``
+    (what makes a run directory's checkpoints or results another run's)."""
+
+    def flat(cfg: RunConfig) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section, values in cfg.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{name}": value for name, value in values.items()})
+            else:
+                out[section] = values
+        return out
+
+    def safe(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in RESUME_SAFE_KEYS)
+
+    old, new = flat(saved), flat(current)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if not safe(key) and old.get(key) != new.get(key)]
 
 
 def _section_types(cls: type) -> dict[str, Any]:
@@ -366,16 +414,40 @@ def _unknown(key: str, choices: list[str]) -> ConfigError:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'train.lr=3e-5' -> ('train.lr', 3e-05); the value is read as YAML (so null/true/1e-5 work)."""
+    """'train.lr=3e-5' -> ('train.lr', 3e-05); the value is read as YAML (so null/true/1e-5 work),
+    except for text keys (paths, names, revisions, delimiters), whose value is kept as typed:
+    YAML would turn ``output_dir=0755`` into 493, ``hub.revision=1.10`` into 1.1, ``2024-06-01``
+    into a date and ``label_delimiter=|`` into an empty string. Quotes still work there."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. train.lr=3e-5)")
     key, raw = text.split("=", 1)
     key = key.strip()
+    if _is_text_key(key):
+        quoted = raw.strip()
+        if len(quoted) >= 2 and quoted[0] == quoted[-1] and quoted[0] in "\"'":
+            with contextlib.suppress(yaml.YAMLError):
+                return key, yaml.safe_load(quoted)
+        return key, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def _is_text_key(key: str) -> bool:
+    """A key typed ``str`` or ``str | None`` (not ``str | bool`` like data.packing)."""
+    section, _, name = key.partition(".")
+    if not name:
+        return section == "output_dir"
+    if section not in SECTIONS:
+        return False
+    annotation = _section_types(SECTIONS[section]).get(name)
+    if annotation is str:
+        return True
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and set(typing.get_args(annotation)) == {
+        str, type(None)
+    }
 
 
 def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:

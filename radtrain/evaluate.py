@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from radtrain.config import ConfigError, RunConfig, load_config
+from radtrain.config import ConfigError, RunConfig, load_config, parse_override
 from radtrain.data.labels import LabelSpace
 from radtrain.data.sources import load_file, load_splits
 from radtrain.export import LABELS_FILE, read_meta
@@ -33,10 +33,17 @@ def evaluate_model(
     from radtrain.distributed import make_accelerator
     from radtrain.models import load_tokenizer
     from radtrain.phase import evaluate_export, resolve_precision, tokenize_split
+    from radtrain.predict import check_export
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"--model {model_dir}: not a model directory (no config.json); pass a run's best/")
+    check_export(model_dir)  # a classifier export: an MLM one has no labels to score
+    if output is not None and Path(output).is_dir():
+        raise ConfigError(f"--output {output} is a directory; give a file name (e.g. {Path(output) / 'metrics.json'})")
+    # A data.source override names the data exactly as --data does (a held-out file is scored whole).
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key == "data.source" and value:
+            source = str(value)
     meta = read_meta(model_dir)
     cfg = export_config(meta, source, overrides)
     if _held_out_file(meta, source):

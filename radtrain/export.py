@@ -18,7 +18,7 @@ from typing import Any
 from radtrain import faults
 from radtrain.checkpoint import CheckpointError, any_rank, fsync_dir, write_failed
 from radtrain.data.labels import LabelSpace
-from radtrain.io import write_json
+from radtrain.io import apply_umask, write_json
 
 META_FILE = "radtrain.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -36,8 +36,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
-    faults.hit("export")  # test hook: the window between the two renames
-    os.replace(tmp, final)
+    try:
+        faults.hit("export")  # test hook: the window between the two renames
+        os.replace(tmp, final)
+    except BaseException:
+        # Put the previous directory back at once, as the caller's message promises (recover_dir
+        # would do it at the next start, but a reader in between would find no directory).
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -84,6 +91,7 @@ def export_model(
             if thresholds is not None:
                 (tmp / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=1))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+            apply_umask(tmp)
         except Exception as exc:  # e.g. a full disk: the previous export stays as it was
             shutil.rmtree(tmp, ignore_errors=True)
             error = exc

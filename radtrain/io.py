@@ -47,3 +47,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
     """``json.dumps(data)`` to ``path`` atomically (with a final newline when indented)."""
     return write_text(path, json.dumps(data, indent=indent) + ("\n" if indent is not None else ""))
+
+
+def apply_umask(directory: str | os.PathLike) -> None:
+    """Give the files under ``directory`` the permissions the process's umask asks for.
+
+    safetensors (0.8) creates its files mode 0600 whatever the umask, so a run's weights were the
+    only files of an export or checkpoint that the rest of a cluster group could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    wanted = 0o666 & ~mask
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != wanted:
+            with contextlib.suppress(OSError):  # not ours to change (another user's file)
+                os.chmod(path, wanted)

@@ -6,18 +6,22 @@ source -> splits -> label space -> tokenizer -> tokenized splits -> task + model
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from radtrain import models
-from radtrain.checkpoint import CheckpointManager
-from radtrain.config import ConfigError, RunConfig
+from radtrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_layout
+from radtrain.config import PHASES, ConfigError, RunConfig, config_differences, config_from_dict
 from radtrain.data.labels import LabelSpace, load_name_mapping
 from radtrain.data.sources import Split, load_splits
 from radtrain.data.tokens import TokenizedSplit, tokenize_texts
@@ -28,8 +32,6 @@ from radtrain.tasks import MLMTask, MultiLabelTask
 from radtrain.trainer import Trainer, evaluate_split
 
 log = logging.getLogger(__name__)
-
-PHASES = ("mlm", "classify")
 
 
 def setup_logging(is_main: bool) -> None:
@@ -48,21 +50,21 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16"}[precision]
 
 
-def check_init_from(init_from: str | None) -> None:
-    """model.init_from must be a model directory (e.g. the MLM run's best/) or a Hub id; the
-    common slip is the run directory itself."""
-    if not init_from:
+def check_model_source(source: str | None, key: str = "model.init_from") -> None:
+    """A model to load (model.init_from, model.name, baseline --model) must be a model directory
+    (e.g. a run's best/) or a Hub id; the common slip is the run directory itself."""
+    if not source or source.startswith("scratch:"):
         return
-    path = Path(init_from).expanduser()
+    path = Path(source).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         hint = (
             f" Did you mean {path / 'best'} (the run's export)?"
             if (path / "best" / "config.json").is_file()
-            else " Point it at a Hugging Face model directory such as an MLM run's best/."
+            else " Point it at a Hugging Face model directory such as a run's best/."
         )
-        raise ConfigError(f"model.init_from={init_from!r} is a directory without config.json.{hint}")
-    if not path.exists() and (init_from.startswith((".", "/", "~")) or init_from.count("/") > 1):
-        raise ConfigError(f"model.init_from={init_from!r}: no such directory (a local path, not a Hub id)")
+        raise ConfigError(f"{key}={source!r} is a directory without config.json.{hint}")
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise ConfigError(f"{key}={source!r}: no such directory (a local path, not a Hub id)")
 
 
 def ensure_writable(run_dir: Path) -> None:
@@ -79,12 +81,53 @@ def ensure_writable(run_dir: Path) -> None:
         ) from exc
 
 
-def check_run_dir(cfg: RunConfig, phase: str, world_size: int) -> None:
-    """Refuse an output_dir holding checkpoints of another config before anything is written."""
-    manager = CheckpointManager(Path(cfg.output_dir), cfg.fingerprint(phase), world_size, cfg.train.save_total_limit)
+def check_run_dir(cfg: RunConfig, phase: str, world_size: int, layout: str | None = None) -> None:
+    """Refuse, before anything is written, an output_dir holding another run's checkpoints or
+    (with no checkpoint to resume) another run's results: starting over would empty its logs and
+    replace its best/ export. A directory with the same settings and no checkpoint is retrained
+    from step 0 (the same run again)."""
+    run_dir = Path(cfg.output_dir)
+    manager = CheckpointManager(
+        run_dir, cfg.fingerprint(phase), world_size, cfg.train.save_total_limit, config=cfg, task=phase,
+        layout=layout,
+    )
     newest = manager.complete_checkpoints()
     if newest:
         manager.check_compatible(newest[0])
+        return
+    results = [name for name in ("best", "summary.json", "metrics.jsonl") if (run_dir / name).exists()]
+    if not results:
+        return
+    recorded = [_recorded_task(run_dir / name) for name in ("summary.json", "best/radtrain.json")]
+    other_task = next((task for task in recorded if task not in (None, phase)), None)
+    if other_task is not None:
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} holds a {other_task} run's results ({', '.join(results)}); this {phase} "
+            f"run would overwrite them. Use a new --output-dir (model.init_from={run_dir / 'best'} starts from "
+            "that run's export)."
+        )
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        try:
+            differences = config_differences(config_from_dict(yaml.safe_load(saved.read_text()) or {}), cfg)
+        except Exception:  # unreadable: nothing to compare, so nothing to protect by refusing
+            differences = []
+        if differences:
+            raise ConfigError(
+                f"output_dir={str(run_dir)!r} holds the results ({', '.join(results)}) of a run with other settings "
+                f"({'; '.join(differences)}; saved in {saved}) and no checkpoint to resume: this run would start "
+                "over and overwrite them. Use a new --output-dir, or the saved settings to train that run again."
+            )
+    log.warning("%s has results (%s) but no checkpoint to resume: training the same run again from step 0",
+                run_dir, ", ".join(results))
+
+
+def _recorded_task(path: Path) -> str | None:
+    try:
+        task = json.loads(path.read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return task if task in PHASES else None
 
 
 def label_names(cfg: RunConfig, splits: dict[str, Split]) -> dict[str, str]:
@@ -134,13 +177,46 @@ def prepare_tokenizer(cfg: RunConfig, accelerator, run_dir: Path, train_texts: l
     if cfg.model.init_from or not cfg.model.is_scratch:
         return load_or_train_tokenizer(cfg, train_texts)
     tok_dir = run_dir / "tokenizer"
-    if accelerator.is_main_process and not (tok_dir / "tokenizer.json").is_file():
+    if accelerator.is_main_process and not _scratch_tokenizer_reusable(tok_dir, cfg, train_texts, run_dir):
         tokenizer = load_or_train_tokenizer(cfg, train_texts)
         tmp = run_dir / "tokenizer.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tokenizer.save_pretrained(tmp)
+        write_json(tmp / TOKENIZER_STAMP, _tokenizer_stamp(cfg, train_texts))
+        if tok_dir.exists():
+            shutil.rmtree(tok_dir)
         os.replace(tmp, tok_dir)
     accelerator.wait_for_everyone()
     return models.load_tokenizer(str(tok_dir))
+
+
+TOKENIZER_STAMP = "radtrain-trained-on.json"
+
+
+def _tokenizer_stamp(cfg: RunConfig, train_texts: list[str]) -> dict[str, Any]:
+    """What a scratch tokenizer was trained for: its shape and the exact training captions."""
+    digest = hashlib.sha256()
+    for text in train_texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return {"model": cfg.model.name, "max_length": cfg.data.max_length, "train_texts_sha256": digest.hexdigest()}
+
+
+def _scratch_tokenizer_reusable(tok_dir: Path, cfg: RunConfig, train_texts: list[str], run_dir: Path) -> bool:
+    """The run directory's scratch tokenizer is this run's. Where checkpoints exist it is theirs
+    and is never replaced (their data digest covers the tokenization: a run on other captions is
+    refused there, and the tokenizer is still here when the original data comes back). Without
+    checkpoints it must have been trained for the same shape on the same captions: an earlier
+    attempt that died before its first checkpoint, with other data or another size, left its own."""
+    if not (tok_dir / "tokenizer.json").is_file():
+        return False
+    if any((run_dir / "checkpoints").glob("step-*")):
+        return True
+    try:
+        stamp = json.loads((tok_dir / TOKENIZER_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp == _tokenizer_stamp(cfg, train_texts)
 
 
 def tokenize_split(tokenizer, split: Split, cfg: RunConfig, labels: LabelSpace | None, name: str) -> TokenizedSplit:
@@ -208,7 +284,8 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         raise ValueError(f"unknown phase {phase!r}")
     _metric_check(cfg, phase)
     # Config checks before anything is written or downloaded (load_splits may fetch a Hub dataset).
-    check_init_from(cfg.model.init_from)
+    check_model_source(cfg.model.init_from, "model.init_from")
+    check_model_source(cfg.model.name, "model.name")
     models.check_max_length(cfg.data.max_length, models.source_config(cfg.model))
     started = time.time()
     accelerator = make_accelerator(
@@ -218,7 +295,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     setup_logging(accelerator.is_main_process)
     configure_cuda()
     run_dir = Path(cfg.output_dir)
-    check_run_dir(cfg, phase, accelerator.num_processes)
+    check_run_dir(cfg, phase, accelerator.num_processes, checkpoint_layout(accelerator))
     if accelerator.is_main_process:
         ensure_writable(run_dir)
         recover_dir(run_dir / "best")
@@ -229,10 +306,6 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     if phase == "classify":
         label_space = fit_label_space(cfg, splits)
     tokenizer = prepare_tokenizer(cfg, accelerator, run_dir, splits["train"].texts)
-    if accelerator.is_main_process:
-        write_text(run_dir / "config.yaml", cfg.to_yaml())
-        if label_space is not None:
-            label_space.save(run_dir / LABELS_FILE)
     with accelerator.main_process_first():  # rank 0 fills the token cache, the others read it
         train = tokenize_split(tokenizer, splits["train"], cfg, label_space, "train")
         validation = tokenize_split(tokenizer, splits["validation"], cfg, label_space, "validation")
@@ -299,6 +372,12 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         tracker=tracker,
     )
     trainer.resume()
+    # Only now that the checkpoints (if any) are known to be this run's, on this data: a refused
+    # start must leave the run's saved settings and label space as they were.
+    if accelerator.is_main_process:
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
+        if label_space is not None:
+            label_space.save(run_dir / LABELS_FILE)
     state = trainer.train()
 
     best_row = next((r for r in state.history if r["step"] == state.best_step), None)
@@ -324,6 +403,12 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     # Free the training state before the test evaluation loads best/ fresh.
     del trainer
     if phase == "classify" and evaluate_test and "test" in splits:
+        if not (run_dir / "best" / "config.json").is_file():
+            raise CheckpointError(
+                f"{run_dir / 'best'} is missing (deleted after the run?): the test split is scored on the best "
+                "export, which is written when an evaluation improves. Training is complete and its checkpoints "
+                f"are kept; restore {run_dir / 'best'}, or train again in a new output_dir."
+            )
         with accelerator.main_process_first():
             test = tokenize_split(tokenizer, splits["test"], cfg, label_space, "test")
         summary["test"] = evaluate_export(run_dir / "best", test, accelerator, cfg)

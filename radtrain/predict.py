@@ -28,7 +28,7 @@ def check_export(model_dir: Path) -> None:
     task = read_meta(model_dir).get("task")
     if task is not None and task != "classify":
         raise ConfigError(
-            f"--model {model_dir}: radtrain.json says task {task!r}; predictions need a classifier "
+            f"--model {model_dir}: radtrain.json says task {task!r}; predict and evaluate need a classifier "
             "export (a classify run's best/)"
         )
 
@@ -106,7 +106,7 @@ def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                if path.suffix != ".jsonl":
+                if path.suffix.lower() != ".jsonl":
                     yield line.rstrip("\n")
                     continue
                 try:

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from radtrain import faults, models, packing
-from radtrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, TrainerState, any_rank
+from radtrain.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointManager,
+    TrainerState,
+    any_rank,
+    checkpoint_layout,
+)
 from radtrain.config import RunConfig
 from radtrain.data.batching import (
     collate,
@@ -164,7 +171,8 @@ class Trainer:
             raise DataError("the training split has no captions; check data.source and data.max_train_samples")
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.ckpt = CheckpointManager(
-            self.run_dir, cfg.fingerprint(task.name), self.world, cfg.train.save_total_limit, data_digest=train_split.digest()
+            self.run_dir, cfg.fingerprint(task.name), self.world, cfg.train.save_total_limit,
+            data_digest=train_split.digest(), config=cfg, task=task.name, layout=checkpoint_layout(accelerator),
         )
         # Padding-free training micro-batches where a varlen attention kernel makes it pay (see
         # radtrain/packing.py); evaluation always pads. Decided before prepare() wraps the model.
@@ -243,7 +251,10 @@ class Trainer:
         the RNG state); the weights are safetensors. DeepSpeed's own loader does unpickle.
         """
         candidates = self.ckpt.complete_checkpoints()
-        failures = []
+        damaged = self.ckpt.damaged_checkpoints()
+        for path, why in damaged:
+            log.warning("checkpoint %s cannot be resumed from (%s)", path, why)
+        failures = [f"{path.name}: {why}" for path, why in damaged]
         for info in candidates:
             self.ckpt.check_compatible(info)
             # Every rank takes the same decision for each candidate (any_rank), so all ranks resume
@@ -285,7 +296,7 @@ class Trainer:
                 info.path, self.state.global_step, self.state.epoch, self.state.steps_in_epoch,
             )
             return info
-        if failures:
+        if failures:  # starting over would empty the logs and replace best/ (and rotation the checkpoints)
             raise CheckpointError(
                 f"no checkpoint in {self.ckpt.root} could be loaded ({'; '.join(failures)}). Move "
                 f"{self.ckpt.root} aside to start this run from step 0, or use a new output_dir."
@@ -349,6 +360,16 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.state.global_step, desc=self.task.name, leave=False)
         try:
             self._loop(progress)
+            # A signal during the last step's evaluation, export or save arrives after the last
+            # step's agreement: the loop has ended and would drop it (a scheduler's warning lost,
+            # a Ctrl-C ignored). Agreed by every rank, it stops the run here like anywhere else;
+            # the rerun resumes at the end and only evaluates the test split.
+            if any_rank(self.acc, self.stop.signum is not None):
+                self.ckpt.save(self.acc, self.state)  # a no-op: the last step was just saved
+                raise ResumeRequested(
+                    f"stopped on signal {self.stop.signum} after the last step ({self.state.global_step}); "
+                    "checkpoint saved"
+                )
         finally:
             self.stop.restore()
             if progress is not None:
@@ -357,7 +378,6 @@ class Trainer:
 
     def _loop(self, progress) -> None:
         st, cfg = self.state, self.cfg
-        window_loss, window_items = 0.0, 0
         last_eval_step = st.history[-1]["step"] if st.history else -1
         while st.global_step < self.total_steps:
             epoch, steps = st.epoch, self._epoch_steps(st.epoch)
@@ -377,13 +397,13 @@ class Trainer:
                 for batch in micro:
                     st.captions_seen += len(batch)
                     st.tokens_seen += int(self.lengths[batch].sum())
-                window_loss += loss_sum
-                window_items += items
+                st.log_window_loss += loss_sum
+                st.log_window_items += items
                 if progress is not None:
                     progress.update(1)
-                if st.global_step % cfg.train.log_every_steps == 0 and window_items:
-                    self._log_train(window_loss / window_items)
-                    window_loss, window_items = 0.0, 0
+                if st.global_step % cfg.train.log_every_steps == 0 and st.log_window_items:
+                    self._log_train(st.log_window_loss / st.log_window_items)
+                    st.log_window_loss, st.log_window_items = 0.0, 0
                 epoch_done = st.steps_in_epoch >= len(steps)
                 if epoch_done:
                     st.epoch += 1
@@ -412,7 +432,7 @@ class Trainer:
         GPU waits for at the start of every step (bench reports it as host ms/step)."""
         cfg = self.cfg
         batches, fillers, local_items = [], [], 0
-        for j, global_batch in enumerate(micro):
+        for global_batch in micro:
             mine = rank_slice(global_batch, self.rank, self.world)
             # A micro-batch with fewer captions than processes leaves some ranks without one. Such a
             # rank trains on a caption of the batch with its loss multiplied by 0: it still runs
@@ -420,9 +440,11 @@ class Trainer:
             # the gradient or the item count, and the update equals a single process's.
             fillers.append(len(mine) == 0)
             batch = self._collate(self.train_split, global_batch[:1] if fillers[-1] else mine)
-            # The same generator on every rank: the task draws per caption from it (MLM masks are a
-            # function of seed, epoch, step, micro-batch and caption, not of the rank or padding).
-            batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, step_in_epoch, j))
+            # The same generator on every rank and every micro-batch of the step: the task draws per
+            # caption from it, so MLM masks are a function of seed, epoch, step and caption, not of
+            # the rank, the padding, or how the step is cut into micro-batches (batch 16, or 8 x
+            # accumulation 2, trains the same masks).
+            batch = self.task.prepare(batch, _generator(cfg.train.seed, epoch, step_in_epoch))
             if self.packing:  # after prepare: MLM masks are drawn on the padded batch either way
                 batch = self._pack(batch)
             batch = self.task.finish_batch(batch)

@@ -1,6 +1,7 @@
 #!/bin/bash
 # The two-phase pipeline with plain sbatch (no submitit): MLM, then the classifier from the MLM
-# export, chained with --dependency=afterok (the classifier starts only if the MLM job succeeded).
+# export, chained with --dependency=afterok (the classifier starts only if the MLM job succeeded;
+# if it failed, --kill-on-invalid-dep cancels the classifier instead of leaving it pending).
 #
 #   slurm/pipeline.sh ROOT [radtrain overrides for both phases ...]
 #   slurm/pipeline.sh runs/rocov2 --config my_run.yaml data.source=eltorio/ROCOv2-radiology
@@ -28,7 +29,7 @@ read -r -a classify_args <<< "${CLASSIFY_ARGS:-}"
 mlm=$(sbatch --parsable "${sbatch_args[@]}" --output="$root/logs/mlm-%j.out" \
     "$here/mlm.sbatch" --output-dir "$root/mlm" "$@" "${mlm_args[@]}")
 mlm=${mlm%%;*}
-classify=$(sbatch --parsable "${sbatch_args[@]}" --dependency="afterok:$mlm" --output="$root/logs/classify-%j.out" \
+classify=$(sbatch --parsable "${sbatch_args[@]}" --dependency="afterok:$mlm" --kill-on-invalid-dep=yes --output="$root/logs/classify-%j.out" \
     "$here/classify.sbatch" --output-dir "$root/classify" "$@" "model.init_from=$root/mlm/best" "${classify_args[@]}")
 classify=${classify%%;*}
 

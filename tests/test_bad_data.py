@@ -178,17 +178,17 @@ def test_malformed_hub_repo_id_is_refused():
 
 
 def test_init_from_a_run_directory_points_at_its_best_export(tmp_path):
-    from radtrain.phase import check_init_from
+    from radtrain.phase import check_model_source
 
     run = tmp_path / "mlm"
     (run / "best").mkdir(parents=True)
     (run / "best" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"directory without config.json\. Did you mean .*mlm/best"):
-        check_init_from(str(run))
+        check_model_source(str(run))
     with pytest.raises(ConfigError, match="no such directory"):
-        check_init_from(str(tmp_path / "nowhere"))
-    check_init_from(str(run / "best"))  # the right one passes
-    check_init_from("answerdotai/ModernBERT-base")  # a Hub id is not checked locally
+        check_model_source(str(tmp_path / "nowhere"))
+    check_model_source(str(run / "best"))  # the right one passes
+    check_model_source("answerdotai/ModernBERT-base")  # a Hub id is not checked locally
 
 
 def test_metric_for_best_typo_fails_before_anything_is_written(tmp_path, capsys, roco_path):
@@ -204,3 +204,150 @@ def test_duplicate_captions_in_real_data_are_legitimate(roco_path):
     """Why duplicates are keyed on ids, not caption text: different images share short captions."""
     captions = Counter(r["caption"] for r in real_rows(8180))
     assert captions["Chest X-ray."] > 1
+
+
+# -- found by a review of what users type and feed in (session 6) ---------------------------------
+
+
+def test_damaged_or_foreign_files_are_data_errors_naming_the_file(tmp_path):
+    """Each used to end in a traceback (exit 1) from the reader: a byte that is not UTF-8, an
+    unreadable parquet file, column-oriented JSON with uneven columns, a CSV row with more fields
+    than its header (a caption with an unquoted comma, silently cut), a malformed names file."""
+    rows = real_rows(30)
+    cases = {
+        "latin1.jsonl": json.dumps(rows[0]).encode()[:-2] + b'\xe9"}\n',
+        "broken.parquet": b"PAR1 this is not a parquet file PAR1",
+        "uneven.json": json.dumps({"caption": ["a", "b"], "cui": [["C1"]]}).encode(),
+        "extra.csv": b'caption,cui\nCT of the chest, with contrast,C0040405\n',
+    }
+    expected = {"latin1.jsonl": "not UTF-8", "broken.parquet": "not a readable parquet",
+                "uneven.json": "different lengths", "extra.csv": "more fields than the header"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=expected[name]) as caught:
+            load_splits(DataConfig(source=str(path)))
+        assert str(path) in str(caught.value)
+    names = tmp_path / "names.json"
+    names.write_text('{"C0040405": "X-ray CT",', encoding="utf-8")
+    from radtrain.data.labels import load_name_mapping
+
+    with pytest.raises(DataError, match="not a JSON file"):
+        load_name_mapping(names)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: it became part of the first column's name."""
+    rows = real_rows(40)
+    plain = tmp_path / "plain.csv"
+    plain.write_text("caption,cui\n" + "".join(f'"{r["caption"]}",{";".join(r["cui"])}\n' for r in rows),
+                     encoding="utf-8")
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    bom_jsonl = tmp_path / "bom.jsonl"
+    bom_jsonl.write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / "p.jsonl", rows).read_bytes())
+    want = load_splits(DataConfig(source=str(plain)))
+    for path in (bom, bom_jsonl):
+        got = load_splits(DataConfig(source=str(path)))
+        assert {k: v.texts for k, v in got.items()} == {k: v.texts for k, v in want.items()}
+
+
+def test_a_tsv_caption_opening_a_quote_cannot_swallow_the_rows_after_it(tmp_path):
+    """ROCO-style unquoted TSV: a caption starting with a lone double quote made the reader join
+    every row up to the next quote into one 'caption', silently (31 captions read of 400)."""
+    rows = real_rows(60)
+    lines = [f'{r["caption"]}\t{";".join(r["cui"])}' for r in rows]
+    lines[30] = '"Ground glass opacity in the right lung.\tC0000001'
+    path = tmp_path / "plain.tsv"
+    path.write_text("caption\tcui\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="starts with a double quote"):
+        load_splits(DataConfig(source=str(path)))
+
+
+def test_text_overrides_keep_what_was_typed():
+    """Overrides were read as YAML whatever the key: output_dir=0755 wrote to ./493,
+    hub.revision=1.10 became 1.1, a date was refused, label_delimiter=| became empty (a crash)."""
+    cfg = load_config(None, [
+        "output_dir=0755", "hub.revision=1.10", "hub.commit_message=Fix: lower lr", "data.label_delimiter=|",
+        "tracking.run_name=lr3e-5 #2", "model.init_from=null", "train.lr=3e-5", "data.packing=off",
+    ])
+    assert cfg.output_dir == "0755" and cfg.hub.revision == "1.10" and cfg.hub.commit_message == "Fix: lower lr"
+    assert cfg.data.label_delimiter == "|" and cfg.tracking.run_name == "lr3e-5 #2"
+    assert cfg.model.init_from is None and cfg.train.lr == 3e-5 and cfg.data.packing == "off"
+    assert load_config(None, ["output_dir=2024-06-01"]).output_dir == "2024-06-01"
+    assert load_config(None, ['data.label_delimiter="|"']).data.label_delimiter == "|"  # quotes still work
+    with pytest.raises(ConfigError, match="label_delimiter is empty"):
+        load_config(None, ["data.label_delimiter="])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.classifier_dropout=5", "classifier_dropout must be in"),
+    ("train.adam_beta1=2", "adam_beta1 must be in"),
+    ("train.adam_eps=-1", "adam_eps must be > 0"),
+    ("train.epochs=.inf", "epochs must be a finite number"),
+    ("train.lr=.nan", "lr must be a finite number"),
+    ("model.attn_implementation=bogus", "attn_implementation='bogus' is not one of"),
+])
+def test_out_of_range_settings_fail_at_start_naming_the_key(override, message):
+    """Each used to pass the config and crash inside torch or transformers (exit 1), after the run
+    directory had been written."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_run_directory_as_model_name_points_at_its_export(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "config.json").write_text("{}")
+    assert main(["classify", "--output-dir", str(tmp_path / "out"), "data.source=/nowhere.jsonl",
+                 f"model.name={run}"]) == 2
+    assert f"Did you mean {run / 'best'}" in capsys.readouterr().err
+    assert main(["baseline", "--data", "/nowhere.jsonl", "--model", str(run)]) == 2
+    assert f"Did you mean {run / 'best'}" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    """`classify data.source=X --output-dir D model.name=...` was refused as 'unrecognized
+    arguments'; the trailing override is now read (here: its bad value is what is reported)."""
+    code = main(["classify", "data.source=/nowhere.jsonl", "--output-dir", str(tmp_path), "model.name=scratch:huge"])
+    assert code == 2 and "scratch size must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["classify", "data.source=/nowhere.jsonl", "--output-dir", str(tmp_path), "--no-such-option"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--model", "m", "--batch-size", "0", "text"],
+    ["predict", "--model", "m", "--threshold", "nan", "text"],
+    ["predict", "--model", "m", "--threshold", "1.5", "text"],
+    ["evaluate", "--model", "m", "--threshold", "-1"],
+    ["baseline", "--data", "d", "--max-iter", "0"],
+])
+def test_command_line_numbers_are_checked(argv):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+
+
+def test_demo_refuses_an_output_dir_override(tmp_path, capsys):
+    assert main(["demo", f"output_dir={tmp_path}"]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+
+
+def test_a_stale_scratch_tokenizer_is_retrained(tmp_path):
+    """An attempt that died before its first checkpoint left its scratch tokenizer in the run
+    directory; the next run there, on other captions, silently reused it."""
+    from accelerate import Accelerator
+
+    from radtrain.models import train_scratch_tokenizer
+    from radtrain.phase import prepare_tokenizer
+
+    accelerator = Accelerator(cpu=True)
+    first = [r["caption"] for r in real_rows(300)]
+    other = [r["caption"] for r in real_rows(300, start=4000)]
+    cfg = load_config(None, ["model.name=scratch:tiny", f"output_dir={tmp_path}"])
+    prepare_tokenizer(cfg, accelerator, tmp_path, first)
+    got = prepare_tokenizer(cfg, accelerator, tmp_path, other)
+    assert got.get_vocab() == train_scratch_tokenizer(other, "tiny", cfg.data.max_length).get_vocab()
+    (tmp_path / "checkpoints" / "step-00000004").mkdir(parents=True)  # a checkpoint needs its own tokenizer
+    kept = prepare_tokenizer(cfg, accelerator, tmp_path, first)
+    assert kept.get_vocab() == got.get_vocab()

@@ -70,6 +70,8 @@ def test_demo_sbatch_scripts_match_expected(tmp_path, capsys):
     for text in scripts.values():
         assert "#SBATCH --signal=USR2@60" in text
         assert "#SBATCH --requeue" in text and "#SBATCH --open-mode=append" in text
+        # A failed dependency cancels the job instead of leaving it pending forever.
+        assert "#SBATCH --kill-on-invalid-dep=yes" in text
     # Members never share a log file: one folder per array task, one file per rank.
     assert f"--output={root}/logs/%A_%a/%A_%a_0_log.out" in mlm
     assert f"--output {root}/logs/%A_%a/%A_%a_%t_log.out" in mlm

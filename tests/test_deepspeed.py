@@ -237,6 +237,22 @@ def test_zero_classifier_matches_ddp_and_exports_the_trained_weights(pipeline, c
         assert evaluated[key] == pytest.approx(value, abs=1e-6), key
 
 
+def test_resume_under_another_layout_is_refused_naming_both(pipeline, tmp_path):
+    """ZeRO-2 checkpoints relaunched under DDP (the wrong --config_file): each checkpoint failed
+    to load in turn and the run advised moving them aside, losing the progress. Now the start is
+    refused naming both layouts and the way on, with the checkpoints untouched."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(classify_run(pipeline, ZERO2), run)
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    res = run_bounded(launch_cmd(DDP, "classify", run, *classify_args(pipeline)), RUN_TIMEOUT_S, pipeline["env"])
+    assert res.returncode != 0
+    assert "written under DeepSpeed ZeRO-2 and this run is plain data parallelism" in res.stdout, res.stdout[-3000:]
+    assert "could not be loaded" not in res.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
+
+
 def test_zero3_compiled_layers_match_eager(pipeline):
     """train.compile=true under ZeRO-3: the layers are compiled before DeepSpeed installs its
     parameter gather/release hooks on them, so Dynamo traces those hooks. The run must train what

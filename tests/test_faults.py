@@ -133,6 +133,12 @@ def assert_same_result(run: Path, ref: Path) -> None:
     for key in ("validation", "test", "best_step", "best_epoch", "global_steps", "nan_steps_skipped"):
         assert got[key] == want[key], key
     assert read_rows(run / "metrics.jsonl") == read_rows(ref / "metrics.jsonl")
+    # The train log too, loss for loss: a resume between two of its rows (every 10 steps) used to
+    # log the mean of the steps since the resume only.
+    def losses(path: Path) -> list[tuple]:
+        return [(r["step"], r["epoch"], r["train_loss"], r["lr"]) for r in read_rows(path)]
+
+    assert losses(run / "train_log.jsonl") == losses(ref / "train_log.jsonl")
     for rel in ("best/model.safetensors", "best/thresholds.json", f"checkpoints/step-{TOTAL_STEPS:08d}/model.safetensors"):
         assert (run / rel).read_bytes() == (ref / rel).read_bytes(), f"{rel} differs"
 
@@ -161,6 +167,11 @@ def test_same_seed_same_config_gives_bitwise_equal_results(env, reference, tmp_p
     # Rotation keeps train.save_total_limit checkpoints and never touches best/.
     assert complete_steps(run) == [24, 28, 30]
     assert (run / "best" / "model.safetensors").is_file()
+    # Readable as the umask allows, weights included (safetensors creates its files mode 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [*(run / "best").iterdir(), *(run / "checkpoints" / "step-00000030").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
     from radtrain.model_card import build_card
 
@@ -227,6 +238,18 @@ def test_killed_at_every_moment_resumes_to_the_same_result(env, reference, tmp_p
     assert_readers_see_whole_files(run)
     assert_same_result(run, reference)
     assert not list((run / "checkpoints").glob(".tmp-*"))  # leftovers cleaned by rotation
+
+
+def test_a_stop_signal_during_the_last_evaluation_is_not_lost(env, reference, tmp_path):
+    """SIGTERM inside the last step's evaluation: the loop had ended, so the signal was dropped
+    and the run went on to its test evaluation (a scheduler's warning lost, a Ctrl-C ignored).
+    Now it stops with exit 75 and the rerun only evaluates; a resume-safe key may change."""
+    run = tmp_path / "run"
+    result = expect(radtrain(env, run, fault="eval:2:SIGTERM"), 75)
+    assert f"after the last step ({TOTAL_STEPS}); checkpoint saved" in result.stderr
+    assert not (run / "summary.json").exists()
+    expect(radtrain(env, run, "train.save_total_limit=2", "train.max_nan_steps=3"), 0)
+    assert_same_result(run, reference)
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGUSR1", "SIGUSR2"])
@@ -398,6 +421,89 @@ def test_corrupt_newest_checkpoints_fall_back_to_an_older_one(env, reference, tm
     assert "resumed from" in result.stderr and "step-00000024" in result.stderr
     assert not marker.exists(), "resuming unpickled an arbitrary object"
     assert_same_result(run, reference)  # steps 25-30 trained again, bitwise the same
+
+
+def test_every_checkpoint_damaged_stops_instead_of_starting_over(env, reference, tmp_path):
+    """Optimizer states deleted to save space (or any file missing or truncated) in every
+    checkpoint: no checkpoint can be resumed from, so the run stops with exit 2, and its logs,
+    best/ and checkpoints stay as they were. It used to start over at step 0 silently, emptying
+    metrics.jsonl and train_log.jsonl."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for optimizer in (run / "checkpoints").glob("step-*/optimizer.bin"):
+        optimizer.unlink()
+    before = {rel: (run / rel).read_bytes() for rel in ("metrics.jsonl", "train_log.jsonl", "best/model.safetensors")}
+    result = expect(radtrain(env, run), 2)
+    assert "no checkpoint in" in result.stderr and "optimizer.bin is missing or truncated" in result.stderr
+    assert "aside to start this run from step 0" in result.stderr
+    assert {rel: (run / rel).read_bytes() for rel in before} == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (24, 28, 30)]
+
+
+def test_a_damaged_checkpoint_is_reported_once_and_removed_once_passed(env, reference, tmp_path):
+    """A damaged stop checkpoint (step 29, off the save grid) newer than a good one: the run
+    resumes from the good one (step 28), reports the damaged one once, and drops it when it saves
+    a later step (no save ever replaces step 29; it used to stay, warned about at every save)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "step-00000030")
+    shutil.copytree(ckpts / "step-00000028", ckpts / "step-00000029")
+    weights = ckpts / "step-00000029" / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    result = expect(radtrain(env, run), 0)
+    assert result.stderr.count("step-00000029 cannot be resumed from") == 1
+    assert "resumed from" in result.stderr and "step-00000028" in result.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step-{s:08d}" for s in (24, 28, 30)]
+    assert_same_result(run, reference)
+
+
+def test_another_runs_results_are_never_overwritten(env, reference, tmp_path):
+    """Other settings in a directory with checkpoints: refused, naming the settings. The same
+    with the checkpoints deleted (a finished run cleaned up): it used to start over silently and
+    replace best/ and the logs."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {rel: (run / rel).read_bytes() for rel in ("metrics.jsonl", "summary.json", "best/model.safetensors")}
+    result = expect(radtrain(env, run, "train.lr=1e-3"), 2)
+    assert "train.lr: 0.003 -> 0.001" in result.stderr and "Resume with the saved settings" in result.stderr
+    shutil.rmtree(run / "checkpoints")
+    result = expect(radtrain(env, run, "train.lr=1e-3"), 2)
+    assert "no checkpoint to resume" in result.stderr and "train.lr: 0.003 -> 0.001" in result.stderr
+    assert {rel: (run / rel).read_bytes() for rel in before} == before
+
+
+def test_checkpoints_hashed_by_another_version_resume_when_no_setting_differs(env, reference, tmp_path):
+    """A radtrain version with other resume-safe keys hashes configs differently: its checkpoints
+    resume as long as every setting that changes the maths equals the run's config.yaml."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    step_dir = run / "checkpoints" / f"step-{TOTAL_STEPS:08d}"
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    manifest["fingerprint"], manifest["task"] = "0123456789abcdef", None  # as written before the task was recorded
+    (step_dir / MANIFEST).write_text(json.dumps(manifest))
+    result = expect(radtrain(env, run), 0)
+    assert "fingerprint from another radtrain version" in result.stderr
+    assert_same_result(run, reference)
+
+
+def test_a_missing_best_export_is_named(env, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "best")
+    result = expect(radtrain(env, run), 2)
+    assert "best is missing" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_failed_best_swap_puts_the_previous_export_back(env, tmp_path):
+    """A full disk between the two renames of the best/ swap: the previous best/ is back at once,
+    as the message says (it used to be left in best.old until the next start)."""
+    run = tmp_path / "run"
+    result = expect(radtrain(env, run, fault="export:2:enospc"), 2)
+    assert "The previous best/ is unchanged" in result.stderr
+    assert (run / "best" / "model.safetensors").is_file() and not (run / "best.old").exists()
+    assert json.loads((run / "best" / "radtrain.json").read_text())["step"] == 15
 
 
 def test_partial_checkpoints_are_never_listed(reference, tmp_path):

@@ -143,6 +143,23 @@ def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(tmp
     assert not list((run / "checkpoints").glob("*step-00000003")), "the partial write must be removed"
 
 
+def test_mlm_accumulation_trains_the_masks_of_the_whole_batch(tmp_path, roco_dir):
+    """MLM, batch 16 vs batch 8 x accumulation 2 (the README's way to keep the global batch): the
+    same captions per step, and now the same masks (they were seeded per micro-batch, so the two
+    runs trained different masks and their losses differed from step 1)."""
+    from radtrain.cli import main
+
+    common = [f"data.source={roco_dir}", *TINY, "train.lr=1e-3", "train.max_steps=4", "train.log_every_steps=1",
+              "train.precision=fp32"]
+    logs = {}
+    for name, split in (("whole", ["train.batch_size=16"]), ("accumulated", ["train.batch_size=8", "train.grad_accum=2"])):
+        assert main(["mlm", "--output-dir", str(tmp_path / name), *common, *split]) == 0
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+    assert len(logs["whole"]) == len(logs["accumulated"]) == 4
+    for a, b in zip(logs["whole"], logs["accumulated"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), a["step"]
+
+
 @pytest.mark.slow
 def test_mlm_two_processes_agree_with_one(tmp_path, roco_dir):
     """MLM, batch 16 on one process vs batch 8 on two: same captions and, now, the same masks per

@@ -92,6 +92,9 @@ def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, roco_dir):
     manifest = json.loads((checkpoint / "COMPLETE").read_text())
     assert len(manifest["data_digest"]) == 16
     before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    # The run's saved settings and label space: a refused start must leave them as they were (it
+    # used to write the new data's label space before the check refused the data).
+    saved = {name: (tmp_path / "run" / name).read_bytes() for name in ("labels.json", "config.yaml")}
 
     train = data / "train.jsonl"
     original = train.read_text(encoding="utf-8")
@@ -103,6 +106,7 @@ def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, roco_dir):
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "was trained on other data" in refused.stderr and "data digest" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == before
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in saved} == saved
 
     train.write_text(original, encoding="utf-8")
     resumed = subprocess.run(cmd, timeout=600, env=subprocess_env(), capture_output=True, text=True)

@@ -324,6 +324,28 @@ def test_plain_sbatch_pipeline_script(tmp_path):
     assert "classify on 1 node(s) x 2 process(es)" in log
 
 
+def test_plain_sbatch_pipeline_cancels_the_classifier_when_mlm_fails(tmp_path):
+    """An MLM job that fails (here: a bad setting, exit 2) left the classifier pending forever as
+    DependencyNeverSatisfied; --kill-on-invalid-dep cancels it."""
+    env = subprocess_env(SBATCH_ARGS="--partition=debug --gpus-per-node=0 --cpus-per-task=1 --time=5",
+                         PROCS_PER_NODE="1", MLM_ARGS="train.lr=-1", RADTRAIN_CACHE=str(tmp_path / "cache"))
+    root = tmp_path / "plain"
+    res = _run(["bash", "slurm/pipeline.sh", str(root), "data.source=/nowhere.jsonl", "model.name=scratch:tiny"],
+               cwd=REPO, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ids = re.findall(r"job (\d+)", res.stdout)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = {r.get("JobId"): (r.get("JobState"), r.get("Reason")) for r in _jobs_state(ids)}
+        if states.get(ids[1], ("",))[0] == "CANCELLED":
+            break
+        time.sleep(0.5)
+    else:
+        _cancel(ids)
+        pytest.fail(f"the classifier was not cancelled after the MLM job failed: {states}\n{_logs(root)}")
+    assert states[ids[0]][0] == "FAILED"
+
+
 def _submit_plain_mlm(tmp_path, n_train: int, epochs: int, batch_size: int, extra: list[str] = ()):
     """sbatch slurm/mlm.sbatch on synthetic captions (1 CPU rank); returns (run dir, log, job id)."""
     from radtrain.data.synthetic import write_dataset

@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from radtrain.cluster.launch_env import accelerate_env
-from radtrain.config import SECTIONS, ConfigError, RunConfig, build_config, parse_override, read_yaml_mapping
+from radtrain.config import (
+    PHASES,
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    build_config,
+    parse_override,
+    read_yaml_mapping,
+)
 
 log = logging.getLogger(__name__)
 
-PHASES = ("mlm", "classify")
 STEPS = ("mlm", "classify", "select")
 EVENTS_FILE = "slurm_events.jsonl"
 PIPELINE_FILE = "pipeline.json"
@@ -104,7 +111,9 @@ class Resources:
             "ntasks_per_node": self.tasks_per_node,
             "signal_delay_s": self.signal_delay_s,
             # --requeue: clusters may default JobRequeue=0, and our members requeue themselves.
-            "additional_parameters": {"requeue": True, **self.additional},
+            # --kill-on-invalid-dep: a job whose afterok dependency failed is cancelled, instead of
+            # pending forever as DependencyNeverSatisfied (clusters that do not set it by default).
+            "additional_parameters": {"requeue": True, "kill-on-invalid-dep": "yes", **self.additional},
         }
         optional = {
             "partition": self.partition,

@@ -255,9 +255,6 @@ class SelectJob(Checkpointable):
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(run_dir / "best", tmp)
         replace_dir(tmp, selected)
-        published = None
-        if self.hub.get("repo_id"):
-            published = _publish(run_dir, self.hub)
         result = {
             "member": run_dir.name,
             "run_dir": str(run_dir),
@@ -266,14 +263,26 @@ class SelectJob(Checkpointable):
             "validation": scores,
             "test": test,
             "model_dir": str(selected),
-            "published": published,
+            "published": None,
             "repo_id": self.hub.get("repo_id"),
         }
+        # The pipeline's result is recorded before the upload, which can fail on its own (the
+        # Hub unreachable from the node): the selection stands, and `radtrain push` retries.
         write_json(root / SELECTION_FILE, result)
+        if self.hub.get("repo_id"):
+            from radtrain.hub import PushError
+
+            try:
+                result["published"] = _publish(run_dir, self.hub)
+            except PushError as exc:
+                write_json(root / SELECTION_FILE, {**result, "publish_error": str(exc)})
+                _record(work, "end", outcome="completed", member=run_dir.name, published=False)
+                raise
+            write_json(root / SELECTION_FILE, result)
         _record(work, "end", outcome="completed", member=run_dir.name)
         print(
             f"[radtrain] select: wrote {root / SELECTION_FILE}; model in {selected}"
-            + (f"; published to {self.hub['repo_id']}: {published}" if published else ""),
+            + (f"; published to {self.hub['repo_id']}: {result['published']}" if result["published"] else ""),
             flush=True,
         )
         return result

@@ -113,13 +113,19 @@ def load_name_mapping(path: str | os.PathLike) -> dict[str, str]:
     if not path.is_file():
         raise DataError(f"data.label_names={str(path)!r}: no such file")
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"data.label_names={str(path)!r}: not a JSON file in UTF-8 ({exc})") from exc
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected a JSON object mapping CUI to name")
         return {str(k): str(v) for k, v in data.items()}
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = [row for row in csv.reader(handle, delimiter=delimiter) if len(row) >= 2]
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            rows = [row for row in csv.reader(handle, delimiter=delimiter) if len(row) >= 2]
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"data.label_names={str(path)!r}: unreadable as UTF-8 CSV/TSV ({exc})") from exc
     if rows and rows[0][0].lower() in ("cui", "id", "concept"):
         rows = rows[1:]
     return {row[0].strip(): row[1].strip() for row in rows}

@@ -96,8 +96,13 @@ def parse_labels(value: Any, delimiter: str, where: str) -> list[str]:
     )
 
 
+# utf-8-sig: UTF-8 that skips a leading byte-order mark (Excel's "CSV UTF-8", some editors'
+# JSON), which would otherwise become part of the first column's name or break the first line.
+ENCODING = "utf-8-sig"
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding=ENCODING) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -114,7 +119,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=ENCODING))
     except json.JSONDecodeError as exc:
         # Many ".json" files are really JSON lines.
         if exc.msg == "Extra data":
@@ -129,6 +134,9 @@ def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             data = lists[0]
         elif all(isinstance(v, list) for v in data.values()):
             # Column-oriented: {"caption": [...], "cui": [...]}
+            sizes = {key: len(values) for key, values in data.items()}
+            if len(set(sizes.values())) > 1:
+                raise DataError(f"{path}: its columns have different lengths {sizes}; each needs one value per row")
             keys = list(data)
             data = [dict(zip(keys, values, strict=True)) for values in zip(*data.values(), strict=True)]
         else:
@@ -142,11 +150,26 @@ def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as handle:
+    tsv = path.suffix.lower() == ".tsv"
+    delimiter = "\t" if tsv else ","
+    with path.open(encoding=ENCODING, newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         for number, row in enumerate(reader, start=2):  # line 1 is the header
-            yield f"{path}:{number}", row
+            where = f"{path}:{number}" if reader.line_num == number else f"{path} record {number - 1} (line {reader.line_num})"
+            if None in row:  # DictReader's place for fields beyond the header's
+                raise DataError(
+                    f"{where}: more fields than the header's {len(reader.fieldnames or [])}; a caption holding "
+                    f"the delimiter {delimiter!r} must be quoted (\"...\")"
+                )
+            if tsv and any(isinstance(v, str) and ("\t" in v or "\n" in v) for v in row.values()):
+                # Unquoted TSV (ROCO's own files) with a caption that starts with a lone double quote:
+                # the reader takes every row up to the next quote as one field, silently.
+                raise DataError(
+                    f"{where}: a field holds a tab or a line break, so rows were joined: a caption that starts "
+                    "with a double quote (\") is read as a quoted field up to the next quote. Balance or remove "
+                    "that quote (or quote the field, doubling quotes inside it)"
+                )
+            yield where, row
 
 
 def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -180,14 +203,33 @@ def read_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, A
 def _rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _iter_jsonl(path)
+        return _readable(path, _iter_jsonl(path))
     if suffix == ".json":
-        return _iter_json(path)
+        return _readable(path, _iter_json(path))
     if suffix in (".csv", ".tsv"):
-        return _iter_csv(path)
+        return _readable(path, _iter_csv(path))
     if suffix == ".parquet":
-        return _iter_parquet(path, columns)
+        return _readable(path, _iter_parquet(path, columns))
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {FILE_SUFFIXES}")
+
+
+def _readable(path: Path, rows: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The readers' own failures on a damaged or foreign file, as a DataError that names it."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text ({exc.reason}: byte {exc.object[exc.start:exc.start + 1]!r}); re-save it as "
+            "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from exc
+    except csv.Error as exc:
+        raise DataError(f"{path}: unreadable as CSV/TSV ({exc}); check its quoting") from exc
+    except DataError:
+        raise
+    except Exception as exc:
+        if type(exc).__module__.startswith("pyarrow"):  # ArrowInvalid and kin: not a (whole) parquet file
+            raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
+        raise
 
 
 def _collect(

@@ -192,19 +192,18 @@ class CheckpointManager:
             log.info("checkpoint %s: fingerprint from another radtrain version; every setting that changes the "
                      "maths equals the run's saved config.yaml, so it resumes", info.path)
         saved_layout = info.manifest.get("layout")
-        if saved_layout and self.layout and saved_layout != self.layout:
+        layout_differs = bool(saved_layout and self.layout and saved_layout != self.layout)
+        if info.world_size != self.world_size or layout_differs:
+            written = f"{info.world_size} {'process' if info.world_size == 1 else 'processes'}"
+            now = f"{self.world_size}"
+            if saved_layout and self.layout:
+                written += f" under {_describe_layout(saved_layout)}"
+                now += f" under {_describe_layout(self.layout)}"
+            config = " and the accelerate config it was written with (accelerate_configs/)" if layout_differs else ""
             raise CheckpointError(
-                f"{info.path} was written under {_describe_layout(saved_layout)} and this run is "
-                f"{_describe_layout(self.layout)}: its optimizer state is laid out for the other. Relaunch with the "
-                "accelerate config it was written with (accelerate_configs/), or start a new output_dir with "
-                "model.init_from=<run>/best to continue from the exported weights."
-            )
-        if info.world_size != self.world_size:
-            raise CheckpointError(
-                f"{info.path} was written by {info.world_size} processes and this run has {self.world_size}: "
-                "optimizer shards resume only at the same world size. Relaunch with "
-                f"{info.world_size} processes, or start a new output_dir with model.init_from=<run>/best "
-                "to continue from the exported weights."
+                f"{info.path} was written by {written} and this run has {now}: model and optimizer state resume "
+                f"only with the same processes and layout. Relaunch with {info.world_size} processes{config}, or "
+                "start a new output_dir with model.init_from=<run>/best to continue from the exported weights."
             )
         saved = info.manifest.get("data_digest")
         if saved and self.data_digest and saved != self.data_digest:
@@ -233,9 +232,13 @@ class CheckpointManager:
                 saved = config_from_dict(yaml.safe_load(saved_path.read_text()) or {})
             except Exception:  # an unreadable or foreign config.yaml: say what we know
                 saved = None
-        written_by = info.manifest.get("task")  # recorded since radtrain wrote it; else from the hash
+        # Recorded in manifests since radtrain wrote it; else from the hash, or from the run's
+        # summary.json / best/radtrain.json (older manifests, hashed with other resume-safe keys).
+        written_by = info.manifest.get("task")
         if written_by is None and saved is not None:
             written_by = next((t for t in PHASES if saved.fingerprint(t) == fingerprint), None)
+        if written_by is None:
+            written_by = recorded_task(run_dir)
         if self.task is not None and written_by not in (None, self.task):
             return (
                 f"{run_dir} holds a {written_by} run's checkpoints and this is a {self.task} run: it would "
@@ -362,6 +365,19 @@ class CheckpointManager:
         # Leftovers of writes that were killed.
         for stale in self.root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def recorded_task(run_dir: Path) -> str | None:
+    """The task a run directory's results were written by ('mlm', 'classify', 'baseline', ...),
+    from its summary.json or best/radtrain.json; None when neither says."""
+    for path in (Path(run_dir) / "summary.json", Path(run_dir) / "best" / "radtrain.json"):
+        try:
+            task = json.loads(path.read_text()).get("task")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(task, str) and task:
+            return task
+    return None
 
 
 def checkpoint_layout(accelerator) -> str:

@@ -136,12 +136,6 @@ class ModelConfig:
             self.classifier_dropout is None or 0.0 <= self.classifier_dropout < 1.0,
             f"model.classifier_dropout must be in [0, 1) or null, got {self.classifier_dropout}",
         )
-        known = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "radtrain_varlen")
-        _check(
-            self.attn_implementation is None or self.attn_implementation in known or "/" in self.attn_implementation,
-            f"model.attn_implementation={self.attn_implementation!r} is not one of {known} (or a Hub kernel "
-            "'org/name'); leave it unset to let radtrain and transformers choose",
-        )
 
     @property
     def is_scratch(self) -> bool:
@@ -423,11 +417,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     if _is_text_key(key):
-        quoted = raw.strip()
-        if len(quoted) >= 2 and quoted[0] == quoted[-1] and quoted[0] in "\"'":
+        text = raw.strip()
+        if text.lower() in ("null", "~", "none"):
+            return key, None  # job files keep some sections as plain dicts: never the string "null"
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
             with contextlib.suppress(yaml.YAMLError):
-                return key, yaml.safe_load(quoted)
-        return key, raw
+                return key, yaml.safe_load(text)  # quotes keep spaces: data.label_delimiter=' '
+        return key, text
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -54,10 +54,22 @@ def apply_umask(directory: str | os.PathLike) -> None:
 
     safetensors (0.8) creates its files mode 0600 whatever the umask, so a run's weights were the
     only files of an export or checkpoint that the rest of a cluster group could not read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    wanted = 0o666 & ~mask
+    wanted = 0o666 & ~_umask()
     for path in Path(directory).rglob("*"):
         if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != wanted:
             with contextlib.suppress(OSError):  # not ours to change (another user's file)
                 os.chmod(path, wanted)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, racing other threads that
+    create files meanwhile); the set-and-restore fallback only where /proc lacks the field."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -87,6 +87,23 @@ def scratch_config(size: str, tokenizer) -> ModernBertConfig:
     )
 
 
+def check_attn_implementation(name: str | None) -> None:
+    """model.attn_implementation must be one transformers knows (its registry, eager, a Hub kernel
+    'org/name') or radtrain's own: checked at start, not at the model build after the data."""
+    if name is None or "/" in name:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from radtrain.packing import ATTN_NAME
+
+    known = sorted({"eager", ATTN_NAME, *ALL_ATTENTION_FUNCTIONS.keys()})
+    if name not in known:
+        raise ConfigError(
+            f"model.attn_implementation={name!r} is not one of {known} (or a Hub kernel 'org/name'); leave it "
+            "unset to let radtrain and transformers choose"
+        )
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

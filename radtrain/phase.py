@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from radtrain import models
-from radtrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_layout
+from radtrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_layout, recorded_task
 from radtrain.config import PHASES, ConfigError, RunConfig, config_differences, config_from_dict
 from radtrain.data.labels import LabelSpace, load_name_mapping
 from radtrain.data.sources import Split, load_splits
@@ -98,9 +98,8 @@ def check_run_dir(cfg: RunConfig, phase: str, world_size: int, layout: str | Non
     results = [name for name in ("best", "summary.json", "metrics.jsonl") if (run_dir / name).exists()]
     if not results:
         return
-    recorded = [_recorded_task(run_dir / name) for name in ("summary.json", "best/radtrain.json")]
-    other_task = next((task for task in recorded if task not in (None, phase)), None)
-    if other_task is not None:
+    other_task = recorded_task(run_dir)
+    if other_task not in (None, phase):  # an MLM run's, a baseline's, ...
         raise ConfigError(
             f"output_dir={str(run_dir)!r} holds a {other_task} run's results ({', '.join(results)}); this {phase} "
             f"run would overwrite them. Use a new --output-dir (model.init_from={run_dir / 'best'} starts from "
@@ -122,12 +121,6 @@ def check_run_dir(cfg: RunConfig, phase: str, world_size: int, layout: str | Non
                 run_dir, ", ".join(results))
 
 
-def _recorded_task(path: Path) -> str | None:
-    try:
-        task = json.loads(path.read_text()).get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return task if task in PHASES else None
 
 
 def label_names(cfg: RunConfig, splits: dict[str, Split]) -> dict[str, str]:
@@ -286,6 +279,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     # Config checks before anything is written or downloaded (load_splits may fetch a Hub dataset).
     check_model_source(cfg.model.init_from, "model.init_from")
     check_model_source(cfg.model.name, "model.name")
+    models.check_attn_implementation(cfg.model.attn_implementation)
     models.check_max_length(cfg.data.max_length, models.source_config(cfg.model))
     started = time.time()
     accelerator = make_accelerator(
@@ -401,13 +395,19 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         "wall_time_s": time.time() - started,
     }
     # Free the training state before the test evaluation loads best/ fresh.
+    trainer_metric = trainer.metric
     del trainer
     if phase == "classify" and evaluate_test and "test" in splits:
         if not (run_dir / "best" / "config.json").is_file():
+            why = (
+                f"no evaluation produced a finite {trainer_metric}, so no best/ export was written (diverged? "
+                "see metrics.jsonl; lower train.lr)"
+                if state.best_step is None
+                else f"{run_dir / 'best'} is missing (deleted after the run?); restore it, or train again in a new "
+                "output_dir"
+            )
             raise CheckpointError(
-                f"{run_dir / 'best'} is missing (deleted after the run?): the test split is scored on the best "
-                "export, which is written when an evaluation improves. Training is complete and its checkpoints "
-                f"are kept; restore {run_dir / 'best'}, or train again in a new output_dir."
+                f"the test split is scored on the best export: {why}. Training is complete and its checkpoints are kept."
             )
         with accelerator.main_process_first():
             test = tokenize_split(tokenizer, splits["test"], cfg, label_space, "test")

@@ -286,13 +286,65 @@ def test_text_overrides_keep_what_was_typed():
     ("train.adam_eps=-1", "adam_eps must be > 0"),
     ("train.epochs=.inf", "epochs must be a finite number"),
     ("train.lr=.nan", "lr must be a finite number"),
-    ("model.attn_implementation=bogus", "attn_implementation='bogus' is not one of"),
 ])
 def test_out_of_range_settings_fail_at_start_naming_the_key(override, message):
     """Each used to pass the config and crash inside torch or transformers (exit 1), after the run
     directory had been written."""
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_an_unknown_attention_fails_at_start_and_every_registered_one_passes(tmp_path, capsys):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from radtrain.models import check_attn_implementation
+
+    for name in [*ALL_ATTENTION_FUNCTIONS.keys(), "eager", "radtrain_varlen", "kernels-community/flash-attn"]:
+        check_attn_implementation(name)  # flash_attention_4, paged|eager: valid in transformers 5
+    assert main(["classify", "--output-dir", str(tmp_path / "out"), "data.source=/nowhere.jsonl",
+                 "model.name=scratch:tiny", "model.attn_implementation=bogus"]) == 2
+    assert "attn_implementation='bogus' is not one of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quoted_tsv_fields_and_trailing_delimiters_still_load(tmp_path):
+    """What the checks above must not refuse: a properly quoted TSV field holding a line break,
+    and a trailing delimiter (an empty extra field, as spreadsheets export)."""
+    rows = real_rows(40)
+    tsv = tmp_path / "quoted.tsv"
+    lines = [f'{r["caption"]}\t{";".join(r["cui"])}' for r in rows]
+    lines[5] = f'"{rows[5]["caption"]}\nsecond line"\t{";".join(rows[5]["cui"])}'
+    tsv.write_text("caption\tcui\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    texts = [t for split in load_splits(DataConfig(source=str(tsv))).values() for t in split.texts]
+    assert len(texts) == 40 and any("\nsecond line" in t for t in texts)
+    csv_path = tmp_path / "trailing.csv"
+    csv_path.write_text("caption,cui\n" + "".join(f'"{r["caption"]}",{r["cui"][0]},\n' for r in rows), encoding="utf-8")
+    assert sum(len(split) for split in load_splits(DataConfig(source=str(csv_path))).values()) == 40
+
+
+def test_text_override_null_is_none_everywhere():
+    """Job files keep the hub section as a plain dict: hub.repo_id=null must not become a repo
+    named 'null'. Text values are stripped; quotes keep spaces."""
+    from radtrain.config import parse_override
+
+    assert parse_override("hub.repo_id=null") == ("hub.repo_id", None)
+    assert parse_override("hub.revision=~") == ("hub.revision", None)
+    assert parse_override("data.source= /x/y.jsonl") == ("data.source", "/x/y.jsonl")
+    assert parse_override("data.label_delimiter=' '") == ("data.label_delimiter", " ")
+    from radtrain.cluster.jobfile import load_job
+
+    assert load_job("jobs/demo.yaml", ["hub.repo_id=null"]).hub.get("repo_id") is None
+
+
+def test_another_tasks_results_are_not_overwritten(tmp_path):
+    """A baseline's (or an MLM run's) results in the output_dir of a classify run: refused, even
+    without a config.yaml to compare (the baseline writes none)."""
+    from radtrain.phase import check_run_dir
+
+    (tmp_path / "summary.json").write_text(json.dumps({"task": "baseline"}))
+    cfg = load_config(None, [f"output_dir={tmp_path}", "model.name=scratch:tiny"])
+    with pytest.raises(ConfigError, match="holds a baseline run's results"):
+        check_run_dir(cfg, "classify", 1)
 
 
 def test_a_run_directory_as_model_name_points_at_its_export(tmp_path, capsys):

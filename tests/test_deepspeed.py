@@ -248,7 +248,7 @@ def test_resume_under_another_layout_is_refused_naming_both(pipeline, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
     res = run_bounded(launch_cmd(DDP, "classify", run, *classify_args(pipeline)), RUN_TIMEOUT_S, pipeline["env"])
     assert res.returncode != 0
-    assert "written under DeepSpeed ZeRO-2 and this run is plain data parallelism" in res.stdout, res.stdout[-3000:]
+    assert "written by 2 processes under DeepSpeed ZeRO-2 and this run has 2 under plain data" in res.stdout, res.stdout[-3000:]
     assert "could not be loaded" not in res.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
 
@@ -340,7 +340,7 @@ def test_zero3_interrupted_run_resumes_to_the_same_result(pipeline):
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     single = run_bounded([PYTHON, "-m", "radtrain", "classify", "--output-dir", str(run), *args], 180, env)
     assert single.returncode == 2, single.stdout[-3000:]
-    assert "written by 2 processes and this run has 1" in single.stdout
+    assert "written by 2 processes under DeepSpeed ZeRO-3 and this run has 1 under plain data" in single.stdout
     assert "model.init_from=<run>/best" in single.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 

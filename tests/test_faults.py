@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from radtrain.checkpoint import MANIFEST, CheckpointManager, _sha256
+from radtrain.checkpoint import MANIFEST, CheckpointError, CheckpointManager, _sha256
 from tests.conftest import PYTHON, TINY, subprocess_env, write_roco_slice
 
 pytestmark = pytest.mark.slow
@@ -488,12 +488,28 @@ def test_checkpoints_hashed_by_another_version_resume_when_no_setting_differs(en
     assert_same_result(run, reference)
 
 
+def test_an_old_manifest_still_names_the_task_that_wrote_it(reference, tmp_path):
+    """Checkpoints from before manifests recorded their task, hashed with other resume-safe keys:
+    neither the manifest nor the hash says the phase, so the run's summary.json must (an MLM
+    start there was told 'fingerprint from another version, it resumes', then 'other data')."""
+    from radtrain.config import load_config
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    info = manager(run).complete_checkpoints()[0]
+    info.manifest.update(fingerprint="0123456789abcdef", task=None)
+    cfg = load_config(run / "config.yaml")
+    mlm = CheckpointManager(run, cfg.fingerprint("mlm"), 1, keep=3, config=cfg, task="mlm")
+    with pytest.raises(CheckpointError, match="holds a classify run's checkpoints and this is a mlm run"):
+        mlm.check_compatible(info)
+
+
 def test_a_missing_best_export_is_named(env, reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     shutil.rmtree(run / "best")
     result = expect(radtrain(env, run), 2)
-    assert "best is missing" in result.stderr and "Traceback" not in result.stderr
+    assert "best is missing (deleted after the run?)" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_failed_best_swap_puts_the_previous_export_back(env, tmp_path):

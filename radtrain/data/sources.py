@@ -156,19 +156,21 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         reader = csv.DictReader(handle, delimiter=delimiter)
         for number, row in enumerate(reader, start=2):  # line 1 is the header
             where = f"{path}:{number}" if reader.line_num == number else f"{path} record {number - 1} (line {reader.line_num})"
-            if None in row:  # DictReader's place for fields beyond the header's
+            if any(str(extra).strip() for extra in row.get(None) or []):  # DictReader's place for fields beyond the header's
                 raise DataError(
                     f"{where}: more fields than the header's {len(reader.fieldnames or [])}; a caption holding "
                     f"the delimiter {delimiter!r} must be quoted (\"...\")"
                 )
-            if tsv and any(isinstance(v, str) and ("\t" in v or "\n" in v) for v in row.values()):
+            if tsv and any(isinstance(v, str) and "\t" in v and "\n" in v for v in row.values()):
                 # Unquoted TSV (ROCO's own files) with a caption that starts with a lone double quote:
-                # the reader takes every row up to the next quote as one field, silently.
+                # the reader takes every row up to the next quote as one field, silently. (A quoted
+                # field may hold a line break or a tab; both at once means whole rows were taken.)
                 raise DataError(
-                    f"{where}: a field holds a tab or a line break, so rows were joined: a caption that starts "
+                    f"{where}: a field spans several lines and tabs, so rows were joined: a caption that starts "
                     "with a double quote (\") is read as a quoted field up to the next quote. Balance or remove "
-                    "that quote (or quote the field, doubling quotes inside it)"
+                    "that quote (or quote the whole field, doubling the quotes inside it)"
                 )
+            row.pop(None, None)  # empty trailing fields (a trailing delimiter)
             yield where, row
 
 

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from radtrain import faults
 from radtrain.io import apply_umask
@@ -221,17 +220,12 @@ class CheckpointManager:
         checkpoints' own: it is written only once a start has passed these checks). None when no
         setting that changes the maths differs: a fingerprint hashed by another radtrain version
         (one with other resume-safe keys, or without a key added since)."""
-        from radtrain.config import PHASES, config_differences, config_from_dict
+        from radtrain.config import PHASES, config_differences, read_saved_config
 
         run_dir = self.root.parent
         saved_path = run_dir / "config.yaml"
         fingerprint = info.manifest.get("fingerprint")
-        saved = None
-        if self.config is not None and saved_path.is_file():
-            try:
-                saved = config_from_dict(yaml.safe_load(saved_path.read_text()) or {})
-            except Exception:  # an unreadable or foreign config.yaml: say what we know
-                saved = None
+        saved = read_saved_config(run_dir) if self.config is not None else None
         # Recorded in manifests since radtrain wrote it; else from the hash, or from the run's
         # summary.json / best/radtrain.json (older manifests, hashed with other resume-safe keys).
         written_by = info.manifest.get("task")

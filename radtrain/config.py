@@ -311,19 +311,10 @@ def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
     """The keys outside RESUME_SAFE_KEYS on which two configs differ, as ``key: saved -> current``
     (what makes a run directory's checkpoints or results another run's)."""
 
-    def flat(cfg: RunConfig) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for section, values in cfg.to_dict().items():
-            if isinstance(values, dict):
-                out.update({f"{section}.{name}": value for name, value in values.items()})
-            else:
-                out[section] = values
-        return out
-
     def safe(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUME_SAFE_KEYS)
 
-    old, new = flat(saved), flat(current)
+    old, new = _flatten(saved.to_dict(), "saved config"), _flatten(current.to_dict(), "config")
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if not safe(key) and old.get(key) != new.get(key)]
 
 
@@ -515,6 +506,18 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     Keys radtrain no longer has are dropped: a run saved by an older version still resumes."""
     flat = _flatten(data, "saved config")
     return build_config({k: v for k, v in flat.items() if k not in RETIRED_KEYS})
+
+
+def read_saved_config(run_dir: str | Path) -> RunConfig | None:
+    """A run directory's config.yaml (the settings of the run that wrote its checkpoints and
+    results); None if there is none or it cannot be read as a radtrain config."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text()) or {})
+    except Exception:  # unreadable or foreign: nothing to compare against
+        return None
 
 
 # Keys older versions wrote into config.yaml that no longer exist (train.num_workers: no

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from radtrain import models
 from radtrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_layout, recorded_task
-from radtrain.config import PHASES, ConfigError, RunConfig, config_differences, config_from_dict
+from radtrain.config import PHASES, ConfigError, RunConfig, config_differences, read_saved_config
 from radtrain.data.labels import LabelSpace, load_name_mapping
 from radtrain.data.sources import Split, load_splits
 from radtrain.data.tokens import TokenizedSplit, tokenize_texts
@@ -105,18 +104,14 @@ def check_run_dir(cfg: RunConfig, phase: str, world_size: int, layout: str | Non
             f"run would overwrite them. Use a new --output-dir (model.init_from={run_dir / 'best'} starts from "
             "that run's export)."
         )
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        try:
-            differences = config_differences(config_from_dict(yaml.safe_load(saved.read_text()) or {}), cfg)
-        except Exception:  # unreadable: nothing to compare, so nothing to protect by refusing
-            differences = []
-        if differences:
-            raise ConfigError(
-                f"output_dir={str(run_dir)!r} holds the results ({', '.join(results)}) of a run with other settings "
-                f"({'; '.join(differences)}; saved in {saved}) and no checkpoint to resume: this run would start "
-                "over and overwrite them. Use a new --output-dir, or the saved settings to train that run again."
-            )
+    saved = read_saved_config(run_dir)
+    differences = config_differences(saved, cfg) if saved is not None else []
+    if differences:
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} holds the results ({', '.join(results)}) of a run with other settings "
+            f"({'; '.join(differences)}; saved in {run_dir / 'config.yaml'}) and no checkpoint to resume: this run "
+            "would start over and overwrite them. Use a new --output-dir, or the saved settings to train that run again."
+        )
     log.warning("%s has results (%s) but no checkpoint to resume: training the same run again from step 0",
                 run_dir, ", ".join(results))
 

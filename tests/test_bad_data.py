@@ -403,3 +403,11 @@ def test_a_stale_scratch_tokenizer_is_retrained(tmp_path):
     (tmp_path / "checkpoints" / "step-00000004").mkdir(parents=True)  # a checkpoint needs its own tokenizer
     kept = prepare_tokenizer(cfg, accelerator, tmp_path, first)
     assert kept.get_vocab() == got.get_vocab()
+
+
+def test_captions_without_any_label_point_at_the_label_column(tmp_path):
+    """Every caption without CUIs was reported as 'no labels left after data.min_label_count=1
+    ... Lower data.min_label_count', which cannot help; the column is what to check."""
+    rows = [{**r, "cui": []} for r in real_rows(40)]
+    with pytest.raises(DataError, match="none of the .* training captions has a label: check that data.label_column"):
+        LabelSpace.fit([r["cui"] for r in rows], 1)

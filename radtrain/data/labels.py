@@ -42,6 +42,11 @@ class LabelSpace:
         order is deterministic and the head of the list is what matters most.
         """
         counter = Counter(cui for labels in train_labels for cui in labels)
+        if not counter:  # not a frequency cut: no caption has a label at all
+            raise DataError(
+                f"none of the {len(train_labels)} training captions has a label: check that data.label_column "
+                "names the column holding the CUIs (and data.label_delimiter how they are separated)"
+            )
         kept = sorted((c for c, n in counter.items() if n >= min_count), key=lambda c: (-counter[c], c))
         if not kept:
             raise DataError(

@@ -167,21 +167,30 @@ class CheckpointManager:
         found = self._inspect(path)
         return found if isinstance(found, CheckpointInfo) else None
 
+    def _scan(self) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
+        """One pass over ``checkpoints/``: the valid checkpoints and the damaged ``step-N``
+        directories (with why), both newest first."""
+        complete: list[CheckpointInfo] = []
+        damaged: list[tuple[Path, str]] = []
+        for path in self.root.iterdir() if self.root.is_dir() else []:
+            found = self._inspect(path) if path.is_dir() else None
+            if isinstance(found, CheckpointInfo):
+                complete.append(found)
+            elif found is not None:
+                damaged.append((path, found))
+        complete.sort(key=lambda c: c.step, reverse=True)
+        damaged.sort(key=lambda x: x[0].name, reverse=True)
+        return complete, damaged
+
     def complete_checkpoints(self) -> list[CheckpointInfo]:
         """Valid checkpoints, newest first."""
-        if not self.root.is_dir():
-            return []
-        found = [self._validate(p) for p in self.root.iterdir() if p.is_dir()]
-        return sorted((c for c in found if c is not None), key=lambda c: c.step, reverse=True)
+        return self._scan()[0]
 
     def damaged_checkpoints(self) -> list[tuple[Path, str]]:
         """``step-N`` directories that cannot be resumed from, and why, newest first. Only a
         finished write is renamed to ``step-N``, so each of these was damaged afterwards (a file
         deleted or truncated): never a kill mid-write, whose ``.tmp-step-N`` is not listed."""
-        if not self.root.is_dir():
-            return []
-        found = [(p, self._inspect(p)) for p in self.root.iterdir() if p.is_dir()]
-        return sorted(((p, why) for p, why in found if isinstance(why, str)), key=lambda x: x[0].name, reverse=True)
+        return self._scan()[1]
 
     def check_compatible(self, info: CheckpointInfo) -> None:
         if info.manifest.get("fingerprint") != self.fingerprint:
@@ -348,12 +357,12 @@ class CheckpointManager:
         from an older one: it neither counts nor is deleted here (training overwrites or removes
         it when it reaches that step). Counting it would let a corrupt checkpoint push out the one
         just written (with keep=1, every good checkpoint)."""
-        complete = [c for c in self.complete_checkpoints() if c.step <= written_step]
-        for old in complete[self.keep :]:
+        complete, damaged = self._scan()
+        for old in [c for c in complete if c.step <= written_step][self.keep :]:
             shutil.rmtree(old.path, ignore_errors=True)
         # Damaged ones (reported when the run resumed past them) up to this step: no resume can
         # use them, and a stop checkpoint's step may never be written again to replace it.
-        for path, _ in self.damaged_checkpoints():
+        for path, _ in damaged:
             if int(STEP_DIR.match(path.name).group(1)) <= written_step:
                 shutil.rmtree(path, ignore_errors=True)
         # Leftovers of writes that were killed.

@@ -17,7 +17,9 @@ the test split is used once, for the reported test figures.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -47,8 +49,16 @@ def tfidf_features(train_texts: list[str], *others: list[str]) -> list[Any]:
     """Sparse TF-IDF matrices; the vocabulary and IDF come from the training texts only."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
+    from radtrain.data.sources import DataError
+
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=100_000, sublinear_tf=True)
-    train = vectorizer.fit_transform(train_texts)
+    try:
+        train = vectorizer.fit_transform(train_texts)
+    except ValueError as exc:  # "empty vocabulary": no word occurs in two training captions
+        raise DataError(
+            f"TF-IDF found no word that occurs in at least two training captions ({exc}); check the text "
+            "column (data.text_column), or use --features model"
+        ) from exc
     log.info("tfidf: %d features from %d training captions", train.shape[1], len(train_texts))
     return [train, *(vectorizer.transform(texts) for texts in others)]
 
@@ -173,8 +183,11 @@ def run_baseline(
     if features == "model" and not model:
         raise ConfigError("--features model needs --model NAME (Hub id, directory, best/ or scratch:tiny); "
                           "or use --features tfidf")
+    if c is not None:
+        check_c_values([float(v) for v in (c if isinstance(c, Sequence) else [c])])
     started = time.time()
     out_dir = Path(cfg.output_dir)
+    check_baseline_dir(out_dir, baseline_identity(cfg, features, model))
     splits = load_splits(cfg.data)
     if "test" not in splits:
         log.warning("%s has no test split: only validation figures will be reported", cfg.data.source)
@@ -200,8 +213,7 @@ def run_baseline(
     t0 = time.time()
     c = DEFAULT_C[features] if c is None else c
     candidates = [float(v) for v in (c if isinstance(c, Sequence) else [c])]
-    if not candidates or min(candidates) <= 0:
-        raise ConfigError(f"--C must be one or more positive numbers, got {candidates}")
+    check_c_values(candidates)
     c_scores: dict[str, float] = {}
     if len(candidates) > 1:
         for value in candidates:
@@ -230,8 +242,7 @@ def run_baseline(
 
     summary: dict[str, Any] = {
         "task": "baseline",
-        "features": features,
-        "model": model if features == "model" else None,
+        **baseline_identity(cfg, features, model),
         "classifier": {"kind": "one-vs-rest logistic regression", "solver": "liblinear", "C": chosen,
                        "C_validation_f1_tuned": c_scores or None, "max_iter": max_iter, **fit_stats},
         "validation": results["validation"],
@@ -239,9 +250,6 @@ def run_baseline(
         "thresholds": {k: thresholds[k] for k in ("global", "fixed", "top1", "min_support", "labels_with_own_threshold")},
         "num_labels": len(labels),
         "split_sizes": {n: len(splits[n]) for n in splits},
-        "data": {"source": cfg.data.source, "min_label_count": cfg.data.min_label_count,
-                 "test_fraction": cfg.data.test_fraction, "validation_fraction": cfg.data.validation_fraction,
-                 "split_seed": cfg.data.split_seed, "max_length": cfg.data.max_length},
         "feature_time_s": round(feature_time, 2),
         "fit_time_s": round(fit_time, 2),
         "wall_time_s": round(time.time() - started, 2),
@@ -268,15 +276,96 @@ def run_baseline(
     return summary
 
 
+# Command-line overrides a baseline uses; any other key (model.*, most of train.*) would be
+# accepted and silently ignored.
+BASELINE_KEYS = ("data.", "output_dir", "train.threshold", "train.threshold_min_support", "train.always_top1",
+                 "train.seed")
+
+
+def split_c_arguments(tokens: Sequence[str] | None) -> tuple[list[float] | None, list[str]]:
+    """``--C 1 10,100 data.x=y``: the C values (spaces or commas), and the overrides that argparse's
+    greedy ``nargs`` swallowed after them (overrides may follow options)."""
+    if tokens is None:
+        return None, []
+    values: list[float] = []
+    overrides = [t for t in tokens if "=" in t]
+    for token in (t for t in tokens if "=" not in t):
+        for part in filter(None, token.split(",")):
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise ConfigError(f"--C: {part!r} is not a number (e.g. --C 1 10 100, or --C 1,10,100)") from None
+    check_c_values(values)
+    return values, overrides
+
+
+def check_c_values(values: Sequence[float]) -> None:
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"--C must be one or more positive finite numbers, got {list(values)}")
+
+
+def baseline_identity(cfg: RunConfig, features: str, model: str | None) -> dict[str, Any]:
+    """What makes two baselines the same one (recorded in summary.json)."""
+    return {
+        "features": features,
+        "model": model if features == "model" else None,
+        "data": {"source": cfg.data.source, "min_label_count": cfg.data.min_label_count,
+                 "test_fraction": cfg.data.test_fraction, "validation_fraction": cfg.data.validation_fraction,
+                 "split_seed": cfg.data.split_seed, "max_length": cfg.data.max_length},
+    }
+
+
+def check_baseline_dir(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Refuse, before any work, an output directory holding a training run's files or another
+    baseline's results: a baseline rewrites summary.json, labels.json and thresholds.json. The same
+    baseline again (same features, model and data) replaces its own results."""
+    from radtrain.checkpoint import recorded_task
+
+    training = [n for n in ("checkpoints", "best", "metrics.jsonl", "config.yaml") if (out_dir / n).exists()]
+    task = recorded_task(out_dir)
+    if training or task not in (None, "baseline"):
+        raise ConfigError(
+            f"--output-dir {out_dir} holds a {task or 'training'} run's files ({', '.join(training) or 'summary.json'}); "
+            "a baseline would overwrite its summary.json and labels.json. Use another --output-dir."
+        )
+    if task is None:
+        return
+    try:
+        saved = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return
+    differences = [
+        f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in identity.items()
+        if key in saved and saved.get(key) != value
+    ]
+    if differences:
+        raise ConfigError(
+            f"--output-dir {out_dir} holds another baseline's results ({'; '.join(differences)}); this one would "
+            "overwrite them. Use another --output-dir."
+        )
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     from radtrain.phase import check_model_source, setup_logging
 
     setup_logging(True)
+    c_values, swallowed = split_c_arguments(args.C)
+    cli_overrides = list(args.overrides) + swallowed
+    ignored = [o for o in cli_overrides if not o.split("=", 1)[0].strip().startswith(BASELINE_KEYS)]
+    if ignored:
+        raise ConfigError(
+            f"baseline uses only data.*, output_dir and train.threshold*/always_top1/seed settings; "
+            f"{', '.join(ignored)} would be ignored. Drop them (model features come from --model)."
+        )
     check_model_source(args.model, "--model")
-    overrides = [f"data.source={args.data}"] + list(args.overrides)
-    output = args.output_dir or f"runs/baseline-{args.features}"
-    cfg = load_config(args.config, overrides + [f"output_dir={output}"])
-    run_baseline(cfg, args.features, args.model, c=args.C, max_iter=args.max_iter, batch_size=args.batch_size)
+    overrides = [f"data.source={args.data}"] + cli_overrides
+    cfg = load_config(args.config, overrides)
+    # --output-dir wins, then an output_dir set in --config or an override, then a default per feature kind.
+    if args.output_dir:
+        cfg = load_config(args.config, overrides + [f"output_dir={args.output_dir}"])
+    elif cfg.output_dir == RunConfig().output_dir:
+        cfg = load_config(args.config, overrides + [f"output_dir=runs/baseline-{args.features}"])
+    run_baseline(cfg, args.features, args.model, c=c_values, max_iter=args.max_iter, batch_size=args.batch_size)
     return 0
 
 
@@ -291,9 +380,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="where summary.json, thresholds.json, predictions.npz go")
     p.add_argument("--config", "-c", help="YAML config (its data section applies)")
     p.add_argument(
-        "--C", type=float, nargs="+", default=None,
-        help="inverse L2 strength of each logistic regression; several values are compared on validation "
-        "(default: 1 10 100 for tfidf, 1 for model features)",
+        "--C", nargs="+", default=None,
+        help="inverse L2 strength of each logistic regression; several values (spaces or commas) are compared "
+        "on validation (default: 1 10 100 for tfidf, 1 for model features)",
     )
     p.add_argument("--max-iter", type=positive_int, default=200, help="iteration bound per label (liblinear)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="captions per forward pass for --features model")

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,33 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_repo_id(repo_id: str, what: str = "hub.repo_id") -> None:
+    """A model repo id the Hub will accept, checked before any training (the Hub's own rules:
+    huggingface_hub's validate_repo_id, plus the 'org/name' form publishing needs)."""
+    _check(
+        repo_id.count("/") == 1 and all(repo_id.split("/")),
+        f"{what} must look like 'org/name', got {repo_id!r}",
+    )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ConfigError(f"{what}={repo_id!r} is not a valid Hub repo id: {exc}") from None
+
+
+# git check-ref-format's rules, as the Hub applies them to a branch name.
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|^[-/.]|[/.]$|\.lock$|/\.")
+
+
+def check_revision(revision: str, what: str = "hub.revision") -> None:
+    _check(
+        bool(revision) and not _BAD_REF.search(revision) and revision != "@",
+        f"{what}={revision!r} is not a valid branch name (no spaces, '..', '~^:?*[\\', and no leading '-')",
+    )
 
 
 @dataclass
@@ -239,10 +267,9 @@ class HubConfig:
 
     def __post_init__(self) -> None:
         if self.repo_id is not None:
-            _check(
-                self.repo_id.count("/") == 1 and all(self.repo_id.split("/")),
-                f"hub.repo_id must look like 'org/name', got {self.repo_id!r}",
-            )
+            check_repo_id(self.repo_id)
+        if self.revision is not None:
+            check_revision(self.revision)
 
 
 @dataclass

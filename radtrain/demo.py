@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from radtrain.config import load_config
+from radtrain.config import ConfigError, load_config
 
 # The embedded default job. A tiny model learns fast with a larger learning rate than the
 # series' 2e-5 (which is tuned for fine-tuning a pretrained ModernBERT-base).
@@ -40,21 +40,45 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_demo_data_dir(data_dir: Path) -> None:
+    """The demo writes its synthetic captions into ``data_dir``: refuse a folder holding files the
+    demo did not write (a user's own data would be replaced)."""
+    if not data_dir.is_dir():
+        return
+    foreign = [path.name for path in sorted(data_dir.iterdir()) if not _written_by_demo(path)]
+    if foreign:
+        raise ConfigError(
+            f"{data_dir} holds files the demo did not write ({', '.join(foreign[:5])}); the demo writes its "
+            "synthetic captions there and would replace them. Use another --output-dir, or move them."
+        )
+
+
+def _written_by_demo(path: Path) -> bool:
+    from radtrain.data.synthetic import DATASET_FILES
+
+    if path.name.startswith("."):  # the atomic writes' temporary files
+        return True
+    if path.name not in DATASET_FILES or not path.is_file():
+        return False
+    if path.suffix != ".jsonl" or path.stat().st_size == 0:
+        return True
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return '"image_id": "SYNTH_' in fh.readline()
+
+
 def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | None = None) -> dict[str, Any]:
     from radtrain.data.synthetic import dataset_complete, write_dataset
-    from radtrain.phase import run_phase
+    from radtrain.phase import ensure_writable, run_phase
     from radtrain.predict import Predictor
 
     root = Path(output_dir)
     data_dir = root / "data"
-    if not dataset_complete(data_dir):  # also rewrites one a killed demo left half written
-        write_dataset(data_dir, **DEMO_DATA)
     data = {"data": {"source": str(data_dir), "label_names": str(data_dir / "cui_names.json")}}
+    # Both phases' settings are checked before anything is written: a bad override must leave a
+    # folder as it was.
     mlm_cfg = load_config(
         None, overrides, base=_merge(DEMO_COMMON, DEMO_MLM, data, {"output_dir": str(root / "mlm")})
     )
-    print(f"[demo] phase 1: MLM on {data_dir} -> {mlm_cfg.output_dir}", flush=True)
-    run_phase(mlm_cfg, "mlm")
     cls_cfg = load_config(
         None,
         overrides,
@@ -63,6 +87,12 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | None =
             {"output_dir": str(root / "classify"), "model": {"init_from": str(root / "mlm" / "best")}},
         ),
     )
+    ensure_writable(root)
+    if not dataset_complete(data_dir):  # also rewrites one a killed demo left half written
+        _check_demo_data_dir(data_dir)
+        write_dataset(data_dir, **DEMO_DATA)
+    print(f"[demo] phase 1: MLM on {data_dir} -> {mlm_cfg.output_dir}", flush=True)
+    run_phase(mlm_cfg, "mlm")
     print(f"[demo] phase 2: classifier from {cls_cfg.model.init_from} -> {cls_cfg.output_dir}", flush=True)
     summary = run_phase(cls_cfg, "classify")
     from accelerate import PartialState

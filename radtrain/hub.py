@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from radtrain.config import ConfigError
+from radtrain.config import ConfigError, check_repo_id, check_revision
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,40 @@ def make_api():
         return RecordingApi(recorder)
     from huggingface_hub import HfApi
 
+    _bound_http_waits()
     return HfApi()  # token: HF_TOKEN or the login file, resolved by huggingface_hub per request
+
+
+TIMEOUT_ENV = "RADTRAIN_HUB_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def _bound_http_waits() -> None:
+    """huggingface_hub's HTTP client waits forever by default (``timeout=None``): a proxy or
+    firewall that accepts the connection and never answers would hang the push, and the run's end,
+    with nothing printed. Give every connect/read/write a bound (``RADTRAIN_HUB_TIMEOUT_S``,
+    default 120 s per operation, not per upload); a timeout is a transient failure and is retried."""
+    import huggingface_hub
+
+    if not hasattr(huggingface_hub, "set_client_factory"):  # requests-based versions (< 1.0)
+        return
+    from huggingface_hub.utils import _http
+
+    try:
+        seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds") from None
+    default = getattr(_http, "default_client_factory", None)
+    if default is None or getattr(_bound_http_waits, "seconds", None) == seconds:
+        return
+
+    def factory():
+        client = default()
+        client.timeout = seconds  # the client's own Timeout type: connect, read, write and pool
+        return client
+
+    huggingface_hub.set_client_factory(factory)
+    _bound_http_waits.seconds = seconds  # type: ignore[attr-defined]
 
 
 class RecordingApi:
@@ -319,12 +353,33 @@ def _with_retries(
 # --------------------------------------------------------------------------- publish
 
 
-def _operations(files: list[Path], card: str):
+def _operations(files: list[Path], generated: dict[str, str]):
     from huggingface_hub import CommitOperationAdd
 
     ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
-    ops.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card.encode("utf-8")))
+    ops += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=text.encode("utf-8"))
+            for name, text in generated.items()]
     return ops
+
+
+# Keys of radtrain.json that may hold a local path (which can name a user or a cohort folder).
+META_PATH_KEYS = (("base_model",), ("init_from",), ("data", "source"), ("data", "label_names"),
+                  ("data", "cache_dir"))
+
+
+def public_meta(meta: dict[str, Any]) -> str:
+    """radtrain.json as published: local paths cut to their last part, as in the card (the file
+    in best/ keeps them: evaluate reads the data source from it)."""
+    from radtrain.model_card import public_source
+
+    out = json.loads(json.dumps(meta))
+    for keys in META_PATH_KEYS:
+        section = out
+        for key in keys[:-1]:
+            section = section.get(key) if isinstance(section.get(key), dict) else {}
+        if isinstance(section.get(keys[-1]), str):
+            section[keys[-1]] = public_source(section[keys[-1]])
+    return json.dumps(out, indent=1) + "\n"
 
 
 def prepare(
@@ -334,11 +389,12 @@ def prepare(
     commit_message_text: str | None = None,
 ) -> tuple[list[Path], str, str, Path, Path | None]:
     """Everything a push needs, computed locally before any network call:
-    (files, card text, commit message, model_dir, run_dir)."""
+    (files read in place, generated files {name: text}, commit message, model_dir, run_dir)."""
     from radtrain.model_card import build_card
 
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ConfigError(f"repo id must look like 'org/name', got {repo_id!r}")
+    check_repo_id(repo_id, "repo id")
+    if revision is not None:
+        check_revision(revision, "revision")
     model_dir, run_dir = resolve_dirs(run_dir_or_model_dir)
     files = export_files(model_dir)
     meta = _read_json(model_dir / "radtrain.json")
@@ -358,8 +414,11 @@ def prepare(
     except Exception as exc:  # noqa: BLE001 - a broken export should not crash with a traceback
         raise ConfigError(f"cannot build the model card from {model_dir}: {_short(exc)}") from exc
     message = commit_message(summary, meta, commit_message_text)
-    _check_no_token(files, {"model card": card, "commit message": message})
-    return files, card, message, model_dir, run_dir
+    generated = {README: card, "radtrain.json": public_meta(meta)}
+    files = [p for p in files if p.name not in generated]
+    _check_no_token(files, {"model card": card, "radtrain.json": generated["radtrain.json"],
+                            "commit message": message})
+    return files, generated, message, model_dir, run_dir
 
 
 def publish(
@@ -376,16 +435,17 @@ def publish(
     """Publish a classifier export as one commit to ``repo_id`` (created private unless told
     otherwise; ``private`` only applies when the repo is created) on branch ``revision`` (created
     from main if missing). Returns the commit url. Raises PushError, with nothing local changed."""
-    files, card, message, model_dir, run_dir = prepare(
+    files, generated, message, model_dir, run_dir = prepare(
         run_dir_or_model_dir, repo_id, revision, commit_message
     )
     tries = max(1, tries or MAX_TRIES)
     first_delay_s = FIRST_DELAY_S if first_delay_s is None else first_delay_s
-    again = f"radtrain push {run_dir or model_dir} --repo-id {repo_id}" + (
-        f" --revision {revision}" if revision else ""
+    again = f"radtrain push {shlex.quote(str(run_dir or model_dir))} --repo-id {shlex.quote(repo_id)}" + (
+        f" --revision {shlex.quote(revision)}" if revision else ""
     )
     hint = f"Nothing local was changed ({model_dir} is intact); publish later with `{again}`."
     api = api or make_api()
+    log.info("hub: publishing %s (%d files) to %s", model_dir, len(files) + len(generated), repo_id)
 
     def attempt(what: str, call: Callable[[], Any]) -> Any:
         return _with_retries(what, call, tries, first_delay_s, hint)
@@ -402,11 +462,11 @@ def publish(
     info = attempt(
         f"commit to {repo_id}",
         lambda: api.create_commit(
-            repo_id, _operations(files, card), commit_message=message, revision=revision, repo_type="model"
+            repo_id, _operations(files, generated), commit_message=message, revision=revision, repo_type="model"
         ),
     )
     url = getattr(info, "commit_url", None) or str(info)
-    log.info("hub: published %s (%d files) to %s: %s", model_dir, len(files) + 1, repo_id, url)
+    log.info("hub: published %s (%d files) to %s: %s", model_dir, len(files) + len(generated), repo_id, url)
     return url
 
 
@@ -418,12 +478,13 @@ def preview(
     commit_message: str | None = None,
 ) -> str:
     """Write exactly what publish would commit into ``out_dir`` (no network); returns the message."""
-    files, card, message, _, _ = prepare(run_dir_or_model_dir, repo_id, revision, commit_message)
+    files, generated, message, _, _ = prepare(run_dir_or_model_dir, repo_id, revision, commit_message)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
         shutil.copy2(path, out / path.name)
-    (out / README).write_text(card, encoding="utf-8")
+    for name, text in generated.items():
+        (out / name).write_text(text, encoding="utf-8")
     return message
 
 

@@ -385,6 +385,29 @@ def test_demo_refuses_an_output_dir_override(tmp_path, capsys):
     assert "--output-dir" in capsys.readouterr().err
 
 
+def test_demo_checks_its_settings_before_writing_any_data(tmp_path, capsys):
+    """A bad override used to fail only after the demo had written its synthetic captions over
+    OUTPUT_DIR/data (a user's own train.jsonl included)."""
+    data = tmp_path / "proj" / "data"
+    data.mkdir(parents=True)
+    mine = '{"caption": "my own caption", "cui": ["C0000001"]}\n'
+    (data / "train.jsonl").write_text(mine)
+    assert main(["demo", "--output-dir", str(tmp_path / "proj"), "train.lr=fast"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == ["train.jsonl"]
+    # Valid settings: the folder still holds data the demo did not write, so it is refused.
+    assert main(["demo", "--output-dir", str(tmp_path / "proj"), "train.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and "train.jsonl" in err
+    assert (data / "train.jsonl").read_text() == mine
+
+
+def test_demo_names_an_unwritable_output_dir(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["demo", "--output-dir", str(tmp_path / "afile" / "demo")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
 def test_a_stale_scratch_tokenizer_is_retrained(tmp_path):
     """An attempt that died before its first checkpoint left its scratch tokenizer in the run
     directory; the next run there, on other captions, silently reused it."""
@@ -411,3 +434,65 @@ def test_captions_without_any_label_point_at_the_label_column(tmp_path):
     rows = [{**r, "cui": []} for r in real_rows(40)]
     with pytest.raises(DataError, match="none of the .* training captions has a label: check that data.label_column"):
         LabelSpace.fit([r["cui"] for r in rows], 1)
+
+
+# -- baseline (review of session 7) --------------------------------------------------------------
+
+
+def test_baseline_never_overwrites_a_training_run_or_another_baseline(tmp_path, capsys):
+    """`radtrain baseline --output-dir RUN` replaced a classifier run's summary.json and labels.json
+    (exit 0); a second baseline on other data replaced the first's results."""
+    data = write_jsonl(tmp_path / "roco.jsonl", real_rows(400))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"task": "classify", "best_step": 7}))
+    (run / "metrics.jsonl").write_text("{}\n")
+    base = ["baseline", "--data", str(data), "--features", "tfidf", "--C", "1"]
+    assert main([*base, "--output-dir", str(run)]) == 2
+    assert "classify run's files" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text()) == {"task": "classify", "best_step": 7}
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "summary.json"]
+
+    out = tmp_path / "tfidf"
+    assert main([*base, "--output-dir", str(out), "data.min_label_count=3"]) == 0
+    first = (out / "summary.json").read_text()
+    assert main([*base, "--output-dir", str(out), "data.min_label_count=5"]) == 2
+    assert "min_label_count': 3" in capsys.readouterr().err.replace('"', "'")
+    assert (out / "summary.json").read_text() == first
+    assert main([*base, "--output-dir", str(out), "data.min_label_count=3"]) == 0  # the same baseline again
+
+
+def test_baseline_c_values_and_overrides(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "roco.jsonl", real_rows(400))
+    base = ["baseline", "--data", str(data), "--features", "tfidf"]
+    for bad in ("nan", "inf", "0", "-1", "ten"):
+        assert main([*base, "--output-dir", str(tmp_path / bad), "--C", bad]) == 2, bad
+        assert "--C" in capsys.readouterr().err
+        assert not (tmp_path / bad).exists()
+    # Overrides after --C are overrides (argparse's nargs took them as C values), and commas separate.
+    out = tmp_path / "ok"
+    assert main([*base, "--output-dir", str(out), "--C", "1,10", "data.min_label_count=3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["min_label_count"] == 3
+    assert set(summary["classifier"]["C_validation_f1_tuned"]) == {"1", "10"}
+    # Settings a baseline does not use are refused, not silently ignored.
+    assert main([*base, "--output-dir", str(tmp_path / "x"), "train.lr=1e-3"]) == 2
+    assert "train.lr=1e-3" in capsys.readouterr().err
+
+
+def test_baseline_keeps_an_output_dir_from_its_config(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "roco.jsonl", real_rows(300))
+    (tmp_path / "cfg.yaml").write_text(f"output_dir: {tmp_path / 'from_config'}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["baseline", "--data", str(data), "--features", "tfidf", "--C", "1", "--config",
+                 str(tmp_path / "cfg.yaml"), "data.min_label_count=3"]) == 0
+    assert (tmp_path / "from_config" / "summary.json").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tfidf_baseline_without_a_shared_word_is_a_data_error(tmp_path, capsys):
+    rows = [{"caption": f"w{i}", "cui": ["C0000001"]} for i in range(60)]
+    data = write_jsonl(tmp_path / "odd.jsonl", rows)
+    assert main(["baseline", "--data", str(data), "--features", "tfidf", "--output-dir", str(tmp_path / "o"),
+                 "data.min_label_count=1"]) == 2
+    assert "--features model" in capsys.readouterr().err

@@ -119,8 +119,15 @@ def test_two_process_run_publishes_once_from_main(published):
         "README.md",
     } <= expected
     for name, entry in files.items():
-        if name != "README.md":  # uploaded byte for byte from best/
+        if name not in ("README.md", "radtrain.json"):  # uploaded byte for byte from best/
             assert entry["sha256"] == hashlib.sha256((best / name).read_bytes()).hexdigest(), name
+    # radtrain.json is published without local paths (they can name users); best/ keeps them.
+    uploaded = json.loads((Path(f"{published['recorder']}.files") / "2" / "radtrain.json").read_text())
+    local = json.loads((best / "radtrain.json").read_text())
+    assert str(published["root"]) in local["data"]["source"]
+    assert uploaded["data"]["source"] == f"local:{published['data'].name}"
+    assert {k: v for k, v in uploaded.items() if k != "data"} == {k: v for k, v in local.items() if k != "data"}
+    assert str(published["root"]) not in json.dumps(uploaded)
     config = json.loads((best / "config.json").read_text())
     cuis = [row["cui"] for row in json.loads((best / "labels.json").read_text())["labels"]]
     assert config["problem_type"] == "multi_label_classification"
@@ -223,6 +230,13 @@ def test_card_usage_snippet_runs_on_the_export(published, monkeypatch, tmp_path,
         assert main(["predict", "--model", str(export), text]) == 0
         line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert {c["cui"] for c in line["cuis"]} == predicted  # radtrain predict applies the same rule
+    # A text longer than training's max_length: the snippet truncates as radtrain predict does.
+    long_text = " ".join([text] * 60)
+    namespace = {}
+    assert f'"{text}"' in code
+    exec(code.replace(f'"{text}"', f'"{long_text}"'), namespace)
+    by_cui = {s["label"]: s["score"] for s in namespace["scores"]}
+    assert np.allclose([by_cui[c] for c in cuis], predictor.probabilities([long_text])[0], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -300,6 +314,41 @@ def test_publish_retries_transient_errors_but_not_refused_tokens(published, tmp_
         hub.publish(published["run"], REPO_ID, api=refused, first_delay_s=0.0)
     assert len(refused.failures) == 4  # tried once: a refused token is not retried
     assert "Nothing local was changed" in str(info.value)
+
+
+@pytest.mark.parametrize("repo_id", ["myorg/radiology model v1", "org/na..me", "-org/x", "org/x.git", "org/" + "a" * 97])
+def test_a_repo_id_the_hub_refuses_is_refused_before_training(repo_id, tmp_path, capsys):
+    """It used to pass the 'org/name' check, train the whole run, and fail at create_repo (exit 3)."""
+    assert main(["classify", "--output-dir", str(tmp_path / "run"), "data.source=nowhere.jsonl", *TINY,
+                 f"hub.repo_id={repo_id}"]) == 2
+    assert "not a valid Hub repo id" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["classify", "--output-dir", str(tmp_path / "run"), "data.source=nowhere.jsonl", *TINY,
+                 f"hub.repo_id={REPO_ID}", "hub.revision=my branch"]) == 2
+    assert "not a valid branch name" in capsys.readouterr().err
+
+
+def test_a_hub_that_never_answers_times_out(published, monkeypatch):
+    """huggingface_hub's client waits forever by default: a proxy that accepts the connection and
+    never answers hung the push (and the end of a run) with nothing printed."""
+    from huggingface_hub import constants
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the kernel's backlog; nothing ever answers
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    monkeypatch.setenv(hub.TIMEOUT_ENV, "1.5")
+    monkeypatch.delenv(hub.RECORDER_ENV, raising=False)
+    try:
+        with pytest.raises(hub.PushError, match="still failing after 2 tries") as info:
+            hub.publish(published["run"], REPO_ID, tries=2, first_delay_s=0.0)
+    finally:
+        silent.close()
+        monkeypatch.undo()
+        hub.make_api()  # restore the default per-operation bound for later tests
+    assert "Timeout" in str(info.value)
 
 
 def test_offline_job_names_what_is_not_cached(tmp_path, monkeypatch, capsys):

@@ -8,8 +8,17 @@ construction so that the launcher-agnostic ``make_accelerator`` stays untouched:
   uploads later); ``tracking.backend=none`` (the default) turns tracking off;
 - main process only: the other ranks get a no-op tracker;
 - the wandb run id is drawn once and stored in the run directory (``wandb/radtrain-<phase>.id``),
-  so a resumed or requeued job continues the same run, while a fresh run directory gets a new one
-  even at a path used before;
+  so a resumed or requeued job logs to the same run id, while a fresh run directory gets a new one
+  even at a path used before. Online, the resumed job continues the run. Offline, wandb cannot
+  resume: each start writes its own ``offline-run-*`` folder under that id, and
+  ``wandb sync RUN/wandb/offline-run-*`` uploads them one after another, in start order, into the
+  one run. A resumed segment logs again from its checkpoint's step, so the steps between that
+  checkpoint and the stop appear twice in the local files. A SIGKILLed start may leave an empty
+  folder (wandb's own process dies with it);
+- tracking never stops training: an error inside wandb while logging (its service killed by a
+  signal sent to the whole process tree, a full disk, a lost connection) is reported once and
+  tracking is switched off; metrics.jsonl and train_log.jsonl hold every figure anyway. An error
+  at start (online mode without credentials or network) is a ConfigError naming the fix.
 - only numbers are logged (losses, metrics, learning rate, throughput) plus the run config, and
   wandb's console capture and code saving are off: caption text never reaches wandb, whatever a
   library prints to stdout.
@@ -23,6 +32,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from radtrain.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +89,47 @@ class WandbTracker:
             disable_git=True,
             x_save_requirements=False,
         )
-        self.tracker = AccelerateWandB(
-            cfg.tracking.project,
-            name=cfg.tracking.run_name or f"{run_dir.name}-{phase}",
-            id=self.run_id,
-            resume="allow",
-            mode=cfg.tracking.mode,
-            dir=str(run_dir),
-            config=_public_config(cfg, phase),
-            settings=settings,
-        )
-        self.tracker.start()
+        try:
+            self.tracker = AccelerateWandB(
+                cfg.tracking.project,
+                name=cfg.tracking.run_name or f"{run_dir.name}-{phase}",
+                id=self.run_id,
+                resume="allow",
+                mode=cfg.tracking.mode,
+                dir=str(run_dir),
+                config=_public_config(cfg, phase),
+                settings=settings,
+            )
+            self.tracker.start()
+        except Exception as exc:  # noqa: BLE001 - wandb raises its own error types (UsageError, CommError)
+            raise ConfigError(
+                f"wandb could not start its run (tracking.mode={cfg.tracking.mode}; {type(exc).__name__}: {str(exc).strip()[:300]}); "
+                "run `wandb login` or set WANDB_API_KEY, or use tracking.mode=offline (sync later with "
+                "`wandb sync`), or tracking.backend=none"
+            ) from exc
         self.run = self.tracker.run
+        self.failed = False
         log.info("wandb run %s (%s) in %s", self.run_id, cfg.tracking.mode, run_dir / "wandb")
+
+    def _guarded(self, what: str, call) -> None:
+        if self.failed:
+            return
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop a training run
+            self.failed = True
+            log.warning("wandb: %s failed (%s: %s); tracking is off for the rest of this run (metrics.jsonl and "
+                        "train_log.jsonl have every figure)", what, type(exc).__name__, str(exc)[:200])
 
     def log(self, values: dict[str, Any], step: int) -> None:
         numbers = _numbers(values)
         if numbers:
-            self.tracker.log(numbers, step=step)
+            self._guarded("log", lambda: self.tracker.log(numbers, step=step))
 
     def finish(self, summary: dict[str, Any] | None = None) -> None:
+        self._guarded("finish", lambda: self._finish(summary))
+
+    def _finish(self, summary: dict[str, Any] | None) -> None:
         if summary:
             for split in ("validation", "test"):
                 for key, value in _numbers(summary.get(split) or {}).items():

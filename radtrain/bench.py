@@ -48,6 +48,7 @@ import gc
 import logging
 import os
 import platform
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radtrain.config import ConfigError, DataConfig, RunConfig, TrainConfig, load_config
-from radtrain.io import write_json
+from radtrain.io import check_output_file, write_json
 
 if TYPE_CHECKING:  # torch is imported where used: `radtrain --help` should not pay for it
     import torch
@@ -122,7 +123,8 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     configuration plus these overrides (e.g. ``b512:train.batch_size=512``)."""
     name, sep, rest = spec.partition(":")
     name = name.strip()
-    items = [item.strip() for item in rest.split(",") if item.strip()]
+    # Commas separate settings only where a KEY= follows, so a value may hold one (label_delimiter=,).
+    items = [item.strip() for item in re.split(r",(?=\s*[A-Za-z_][\w.]*=)", rest) if item.strip()]
     if not sep or not name or not items or any("=" not in item for item in items):
         raise ConfigError(
             f"--variant {spec!r} is not NAME:KEY=VALUE[,KEY=VALUE...]; e.g. --variant b512:train.batch_size=512"
@@ -616,6 +618,13 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Run ``presets`` and then ``variants`` (name -> overrides on top of the user's configuration)
     in order and return (and optionally write) their rows."""
+    from radtrain.distributed import world_size_from_env
+
+    if world_size_from_env() > 1:
+        raise ConfigError(
+            "radtrain bench measures one process (its rows would mix every rank's captions with this rank's "
+            "tokens, and each rank would write --json); run it without accelerate launch / torchrun"
+        )
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
     if warmup < 0:
@@ -627,6 +636,8 @@ def run_bench(
     overrides = list(overrides or [])
     variants = dict(variants or {})
     _check_unique([*presets, *variants])
+    if json_path:
+        check_output_file(json_path, "--json")
     configs = {name: preset_config(name, config_path, overrides) for name in presets}
     configs.update({name: preset_config("user", config_path, overrides + extra) for name, extra in variants.items()})
     presets = list(configs)
@@ -667,9 +678,7 @@ def run_bench(
         r["speedup_vs_seed"] = r["captions_per_s"] / base["captions_per_s"] if measured else None
         r["environment"] = env
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, out)
+        write_json(json_path, out)
     return out
 
 

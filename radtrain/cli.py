@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from radtrain.config import ConfigError, load_config, parse_override, valid_keys
 
@@ -75,15 +75,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from radtrain.predict import predict_lines, read_texts
+    import itertools
 
-    texts = list(args.texts)
+    from radtrain.predict import export_text_column, predict_lines, read_texts
+
+    texts: Iterator[str] = iter(args.texts)
     if args.input:
-        texts += list(read_texts(args.input))
-    if not texts:
+        column = args.text_column or export_text_column(args.model)
+        texts = itertools.chain(texts, read_texts(args.input, column))
+    first = next(texts, None)
+    if first is None:
         raise ConfigError("predict: give texts as arguments or --input FILE (.jsonl with a 'caption' field, or .txt)")
-    for line in predict_lines(args.model, texts, threshold=args.threshold, batch_size=args.batch_size):
-        print(line)
+    # Streamed: one line per text as its chunk is scored, whatever the input's size.
+    for line in predict_lines(args.model, itertools.chain([first], texts), threshold=args.threshold,
+                              batch_size=args.batch_size):
+        print(line, flush=False)
+    sys.stdout.flush()
     return EXIT_OK
 
 
@@ -134,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict CUIs for texts; one JSON object per text")
     pr.add_argument("--model", required=True, help="an export directory (a run's best/)")
     pr.add_argument("--threshold", type=probability, help="override the export's decision thresholds")
-    pr.add_argument("--input", help=".jsonl (field 'caption' or 'text') or .txt (one text per line)")
+    pr.add_argument(
+        "--input", help=".jsonl/.json/.csv/.tsv/.parquet (the text column, else 'text') or .txt (one text per line)"
+    )
+    pr.add_argument("--text-column", help="the --input field holding the text (default: the one the model was trained on)")
     pr.add_argument("--batch-size", type=positive_int, default=32)
     pr.add_argument("texts", nargs="*")
     pr.set_defaults(func=cmd_predict)

@@ -9,7 +9,7 @@ from radtrain.config import ConfigError, RunConfig, load_config, parse_override
 from radtrain.data.labels import LabelSpace
 from radtrain.data.sources import load_file, load_splits
 from radtrain.export import LABELS_FILE, read_meta
-from radtrain.io import write_json
+from radtrain.io import check_output_file, write_json
 
 
 def export_config(meta: dict[str, Any], source: str | None, overrides: list[str] | None = None) -> RunConfig:
@@ -37,16 +37,28 @@ def evaluate_model(
 
     model_dir = Path(model_dir)
     check_export(model_dir)  # a classifier export: an MLM one has no labels to score
-    if output is not None and Path(output).is_dir():
-        raise ConfigError(f"--output {output} is a directory; give a file name (e.g. {Path(output) / 'metrics.json'})")
+    if output is not None:
+        check_output_file(output, "--output")
     # A data.source override names the data exactly as --data does (a held-out file is scored whole).
     for text in overrides or []:
         key, value = parse_override(text)
+        if not key.startswith("data."):  # the model, its thresholds and precision come from the export
+            raise ConfigError(
+                f"evaluate takes data.* overrides only; {text!r} would be ignored (the export fixes the model and "
+                "precision; use --threshold for a decision threshold)"
+            )
         if key == "data.source" and value:
             source = str(value)
+    if not (model_dir / LABELS_FILE).is_file():
+        raise ConfigError(
+            f"{model_dir} has no {LABELS_FILE}, which maps the data's CUIs to the model's outputs; copy it from the "
+            "run's best/ (radtrain predict works without it)"
+        )
     meta = read_meta(model_dir)
     cfg = export_config(meta, source, overrides)
-    if _held_out_file(meta, source):
+    held_out = _held_out_file(meta, source)
+    if held_out:
+        split = "held-out"
         # A file of its own, not the run's data: every caption of it is scored (cutting it into the
         # run's train/test shares would score a tenth of it; the run's sample caps do not apply).
         captions = load_file(cfg.data)
@@ -68,9 +80,8 @@ def evaluate_model(
         for key, value in metrics.items():
             print(f"{split}/{key}: {value:.6f}")
         if output:
-            output = Path(output)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            write_json(output, {"split": split, "model": str(model_dir), "captions": len(tokenized), **metrics})
+            write_json(output, {"split": split, "data": captions.origin, "model": str(model_dir),
+                                "captions": len(tokenized), **metrics})
     return metrics
 
 

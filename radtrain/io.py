@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,26 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
     """``json.dumps(data)`` to ``path`` atomically (with a final newline when indented)."""
     return write_text(path, json.dumps(data, indent=indent) + ("\n" if indent is not None else ""))
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Check at start, before any work, that ``path`` can be written as a file (a command's
+    --output/--json): a directory, or a parent that cannot be created or written, used to fail
+    with a traceback after all the work was done."""
+    from radtrain.config import ConfigError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; give a file name (e.g. {path / 'results.json'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {path} cannot be written ({exc.strerror or exc}); choose a path in a directory you can write to"
+        ) from exc
+    return path
 
 
 def apply_umask(directory: str | os.PathLike) -> None:

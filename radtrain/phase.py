@@ -277,6 +277,9 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     models.check_attn_implementation(cfg.model.attn_implementation)
     models.check_max_length(cfg.data.max_length, models.source_config(cfg.model))
     started = time.time()
+    # Logging before the Accelerator exists (its DeepSpeed set-up logs the batch and precision it
+    # chose); the launcher's rank says which process is the main one until the Accelerator does.
+    setup_logging(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
     accelerator = make_accelerator(
         resolve_precision(cfg.train.precision), cfg.train.grad_accum,
         micro_batch=cfg.train.batch_size, max_grad_norm=cfg.train.max_grad_norm,

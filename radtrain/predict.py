@@ -6,6 +6,7 @@ model predicts the same CUIs here, after ``radtrain evaluate`` and after a push 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -131,9 +132,25 @@ def _table_texts(path: Path, text_column: str) -> Iterator[str]:
         yield text
 
 
+def export_text_column(model_dir: str | Path) -> str:
+    """The text column the export was trained on (its radtrain.json), 'caption' when unrecorded."""
+    try:
+        return str(read_meta(Path(model_dir)).get("data", {}).get("text_column") or "caption")
+    except (OSError, ValueError):
+        return "caption"
+
+
+# Texts scored per chunk: memory stays bounded (probabilities of 1M texts x 2k labels would be
+# 8 GB) and lines appear as they are ready.
+PREDICT_CHUNK = 1024
+
+
 def predict_lines(model_dir: str | Path, texts: Iterable[str], threshold: float | None = None,
                   batch_size: int = 32) -> Iterator[str]:
+    iterator = iter(texts)
+    chunk = list(itertools.islice(iterator, PREDICT_CHUNK))  # bad input in it fails before the model loads
     predictor = Predictor(model_dir, threshold=threshold)
-    texts = list(texts)
-    for text, result in zip(texts, predictor.predict(texts, batch_size), strict=True):
-        yield json.dumps({"text": text, **result}, ensure_ascii=False)
+    while chunk:
+        for text, result in zip(chunk, predictor.predict(chunk, batch_size), strict=True):
+            yield json.dumps({"text": text, **result}, ensure_ascii=False)
+        chunk = list(itertools.islice(iterator, PREDICT_CHUNK))

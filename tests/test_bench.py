@@ -131,6 +131,29 @@ def test_bench_rejects_a_malformed_variant(captions, spec, capsys):
     assert "--variant" in capsys.readouterr().err
 
 
+def test_a_variant_value_may_hold_a_comma():
+    from radtrain.bench import parse_variant
+
+    assert parse_variant("d:data.label_delimiter=,, train.batch_size=4") == (
+        "d", ["data.label_delimiter=,", "train.batch_size=4"]
+    )
+
+
+def test_bench_checks_its_json_path_and_process_count_before_measuring(captions, tmp_path, capsys, monkeypatch):
+    """A --json naming a directory (or an unwritable place) failed with a traceback after every
+    preset had run; under accelerate launch each rank measured and wrote its own mixed rows."""
+    args = ["bench", "--data", str(captions), "--model", "scratch:tiny", "--presets", "seed", "--steps", "1"]
+    assert main([*args, "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main([*args, "--json", str(tmp_path / "afile" / "b.json")]) == 2
+    err, out = capsys.readouterr()[::-1]
+    assert "cannot be written" in err and "captions/s" not in out
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(args) == 2
+    assert "one process" in capsys.readouterr().err
+
+
 def test_bench_rejects_repeated_names(captions, capsys):
     args = ["bench", "--data", str(captions), "--variant", "a:train.batch_size=4", "--variant", "a:train.batch_size=8"]
     assert main([*args, "--steps", "2"]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 
 import numpy as np
@@ -165,6 +166,31 @@ def test_evaluate_data_source_override_is_data(capped_run, tmp_path, monkeypatch
     assert "need a classifier export" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_what_it_would_ignore_or_fail_on_late(capped_run, tmp_path, monkeypatch, capsys):
+    """Session 7 review: `evaluate train.threshold=0.9` was accepted and ignored; an unwritable
+    --output failed with a traceback after the evaluation; an export without labels.json was a
+    FileNotFoundError traceback; a held-out file was reported as split 'test'."""
+    best = capped_run / "run" / "best"
+    monkeypatch.setenv("RADTRAIN_CACHE", str(capped_run / "cache"))
+    assert main(["evaluate", "--model", str(best), "train.threshold=0.9"]) == 2
+    assert "--threshold" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["evaluate", "--model", str(best), "--output", str(tmp_path / "afile" / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and "test/f1" not in capsys.readouterr().out
+    bare = tmp_path / "bare"
+    shutil.copytree(best, bare)
+    (bare / "labels.json").unlink()
+    assert main(["evaluate", "--model", str(bare)]) == 2
+    assert "no labels.json" in capsys.readouterr().err
+    held_out = write_roco_slice(tmp_path / "held_out.jsonl", 30, start=2000)
+    assert main(["evaluate", "--model", str(best), "--data", str(held_out), "--split", "validation",
+                 "--output", str(tmp_path / "h.json")]) == 0
+    written = json.loads((tmp_path / "h.json").read_text())
+    assert written["split"] == "held-out" and written["data"].endswith("held_out.jsonl")
+    assert "held-out/f1" in capsys.readouterr().out
+
+
 def test_a_failed_push_keeps_the_selection_record(capped_run, tmp_path, monkeypatch):
     """The selection job published before writing selection.json (the pipeline's result record)
     and its end event: a push that failed (the Hub unreachable from the node) lost both."""
@@ -232,6 +258,34 @@ def test_predict_reads_csv_input_as_training_does_and_strips_texts(capped_run, t
     assert [r["text"] for r in rows] == ["Axial CT, chest", "Chest radiograph."]
     probs = Predictor(best).probabilities(["Axial CT of the chest.", "  Axial CT of the chest.\n"])
     np.testing.assert_allclose(probs[0], probs[1], rtol=0, atol=1e-6)  # rows of one batch: same tokens now
+
+
+def test_predict_reads_the_text_column_the_model_was_trained_on_and_streams(capped_run, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A model trained with data.text_column=findings could not predict on files of its own format
+    ('caption' was hard-coded); every probability was held until the last text was scored."""
+    import radtrain.predict as predict
+
+    best = tmp_path / "best"
+    shutil.copytree(capped_run / "run" / "best", best)
+    meta = json.loads((best / "radtrain.json").read_text())
+    meta["data"]["text_column"] = "findings"
+    (best / "radtrain.json").write_text(json.dumps(meta))
+    path = tmp_path / "reports.jsonl"
+    texts = [f"Axial CT of the chest, finding {i}." for i in range(5)]
+    path.write_text("".join(json.dumps({"findings": t}) + "\n" for t in texts), encoding="utf-8")
+    monkeypatch.setattr(predict, "PREDICT_CHUNK", 2)
+    assert main(["predict", "--model", str(best), "--input", str(path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in rows] == texts
+    # --text-column names another field; chunks of 2 give the lines of one batch
+    path.write_text("".join(json.dumps({"impression": t}) + "\n" for t in texts), encoding="utf-8")
+    assert main(["predict", "--model", str(best), "--input", str(path), "--text-column", "impression"]) == 0
+    chunked = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    monkeypatch.setattr(predict, "PREDICT_CHUNK", 1024)
+    assert main(["predict", "--model", str(best), "--input", str(path), "--text-column", "impression"]) == 0
+    whole = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert chunked == whole and len(whole) == 5
 
 
 def test_predict_threshold_override_replaces_the_rule(capped_run, capsys):

@@ -188,6 +188,10 @@ def test_zero_classifier_matches_ddp_and_exports_the_trained_weights(pipeline, c
     ddp, run = classify_run(pipeline, DDP), classify_run(pipeline, config)
     log = pipeline["outputs"][run.name]
     assert "2 process(es) x batch 4 x accum 2 = global batch 16" in log
+    # DeepSpeed's own batch arithmetic, logged while the Accelerator is built (before logging was
+    # set up, so it never appeared).
+    stage = 2 if config == ZERO2 else 3
+    assert f"DeepSpeed ZeRO-{stage}: micro batch 4 x accumulation 2 x 2 processes = global batch 16" in log
 
     # 1. The loss curve and the LR schedule follow the DDP run of the same global batch, with the
     #    NaN step skipped by both (and the weights left finite: the later losses are compared).

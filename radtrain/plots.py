@@ -95,7 +95,7 @@ def epoch_table(rows: Sequence[dict[str, Any]], phase: str = "classify", best_st
 
 def save_per_label(
     path: Path, cuis: Sequence[str], train_counts: Sequence[int], support: np.ndarray,
-    f1_fixed: np.ndarray, f1_tuned: np.ndarray | None,
+    f1_fixed: np.ndarray, f1_tuned: np.ndarray | None, threshold: float = 0.5,
 ) -> None:
     """Per-label validation F1 of the best model (written by the best-model hook, read by the plot)."""
     data = {
@@ -104,6 +104,7 @@ def save_per_label(
         "validation_support": [int(s) for s in support],
         "f1": [round(float(v), 5) for v in f1_fixed],
         "f1_tuned": None if f1_tuned is None else [round(float(v), 5) for v in f1_tuned],
+        "threshold": float(threshold),
     }
     write_json(path, data, indent=None)
 
@@ -138,7 +139,7 @@ def plot_losses(rows: Sequence[dict[str, Any]], train_log: Sequence[dict[str, An
     return out
 
 
-def plot_f1(rows: Sequence[dict[str, Any]], out: Path) -> Path:
+def plot_f1(rows: Sequence[dict[str, Any]], out: Path, threshold: float = 0.5) -> Path:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     epochs = [r["epoch"] for r in rows]
@@ -146,7 +147,7 @@ def plot_f1(rows: Sequence[dict[str, Any]], out: Path) -> Path:
         if any(key in r for r in rows):
             ax.plot(epochs, [r.get(key, float("nan")) for r in rows], "o-", label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation F1 (threshold 0.5)")
+    ax.set_ylabel(f"validation F1 (threshold {threshold:g})")
     ax.set_title("Validation F1 over epochs")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -161,13 +162,21 @@ def plot_per_label(per_label: dict[str, Any], out: Path) -> Path:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     counts = np.asarray(per_label["train_count"], dtype=float)
-    ax.scatter(counts, per_label["f1"], s=9, alpha=0.5, label="threshold 0.5")
+    # A label no validation caption carries has no F1 (drawn at 0 it looked like a label the model
+    # gets wrong): left out, and counted in the title.
+    support = np.asarray(per_label.get("validation_support") or [1] * len(counts))
+    shown = support > 0
+    threshold = per_label.get("threshold", 0.5)
+    ax.scatter(counts[shown], np.asarray(per_label["f1"])[shown], s=9, alpha=0.5, label=f"threshold {threshold:g}")
     if per_label.get("f1_tuned") is not None:
-        ax.scatter(counts, per_label["f1_tuned"], s=9, alpha=0.5, marker="x", label="tuned thresholds")
+        ax.scatter(counts[shown], np.asarray(per_label["f1_tuned"])[shown], s=9, alpha=0.5, marker="x",
+                   label="tuned thresholds")
     ax.set_xscale("log")
     ax.set_xlabel("training captions with the label (log scale)")
     ax.set_ylabel("validation F1 of the label")
-    ax.set_title(f"Per-label F1 against label frequency ({len(counts)} labels)")
+    hidden = int((~shown).sum())
+    ax.set_title(f"Per-label F1 against label frequency ({int(shown.sum())} labels"
+                 + (f"; {hidden} absent from validation not shown)" if hidden else ")"))
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -186,7 +195,10 @@ def write_plots(run_dir: Path, phase: str, history: Sequence[dict[str, Any]] | N
     rows = sorted(history if history is not None else read_jsonl(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
     written = [plot_losses(rows, train_log, out_dir / "loss.png")]
     if phase == "classify":
-        written.append(plot_f1(rows, out_dir / "f1.png"))
+        from radtrain.config import read_saved_config
+
+        saved = read_saved_config(run_dir)
+        written.append(plot_f1(rows, out_dir / "f1.png", saved.train.threshold if saved else 0.5))
         per_label_path = run_dir / PER_LABEL_FILE
         if per_label_path.is_file():
             written.append(plot_per_label(json.loads(per_label_path.read_text()), out_dir / "per_label_f1.png"))

@@ -187,5 +187,6 @@ def thresholds_for_export(train_cfg, gathered: dict[str, np.ndarray], label_spac
         save_per_label(
             per_label_path, cuis, label_space.counts, np.asarray(labels).sum(0),
             per_label_f1(labels, apply_thresholds(probs, train_cfg.threshold)), f1_tuned,
+            threshold=train_cfg.threshold,
         )
     return result

@@ -131,6 +131,14 @@ def test_bench_rejects_a_malformed_variant(captions, spec, capsys):
     assert "--variant" in capsys.readouterr().err
 
 
+def test_docs_list_every_key_the_presets_fix():
+    from radtrain.bench import SPEED_KEYS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    listed = text.split("fix only the speed keys", 1)[1].split("`", 2)[1]
+    assert [k.strip() for k in listed.replace("\n", " ").split(",")] == list(SPEED_KEYS)
+
+
 def test_a_variant_value_may_hold_a_comma():
     from radtrain.bench import parse_variant
 

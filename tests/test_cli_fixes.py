@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import PYTHON, TINY, subprocess_env, write_roco_slice
+from conftest import PYTHON, REPO, TINY, subprocess_env, write_roco_slice
 
 from radtrain.cli import main
 from radtrain.config import ConfigError, config_from_dict, load_config
@@ -212,6 +212,36 @@ def test_a_failed_push_keeps_the_selection_record(capped_run, tmp_path, monkeypa
     assert selection["test"] and (tmp_path / "selected" / "config.json").is_file()
     events = [json.loads(x)["event"] for x in (tmp_path / "select" / "slurm_events.jsonl").read_text().splitlines()]
     assert events == ["start", "end"]
+
+
+def test_an_offline_selection_job_leaves_the_push_to_a_node_with_internet(capped_run, tmp_path, monkeypatch, capsys):
+    """jobs/rocov2_large.yaml (offline: true) with hub.repo_id: the selection job always failed at the
+    push (exit 3: HF_HUB_OFFLINE set on the node). It now completes and records the command."""
+    import shutil
+
+    from radtrain.cluster.jobfile import load_job
+    from radtrain.cluster.jobs import SelectJob
+    from radtrain.cluster.submit import dry_run
+
+    member = tmp_path / "classify" / "c0"
+    shutil.copytree(capped_run / "run", member)
+    monkeypatch.chdir(capped_run)
+    monkeypatch.setenv("RADTRAIN_CACHE", str(capped_run / "cache"))
+    monkeypatch.setenv("RADTRAIN_HUB_RECORDER", str(tmp_path / "calls.jsonl"))  # any call would be recorded
+    hub = {"repo_id": "org/name", "revision": "exp 1"}
+    job = SelectJob(str(tmp_path), [str(member)], "f1", hub, {"HF_HUB_OFFLINE": "1"}, max_requeues=0)
+    result = job()
+    assert not (tmp_path / "calls.jsonl").exists()
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert selection["published"] is None and selection == {**result}
+    assert selection["publish_later"] == f"radtrain push {member} --repo-id org/name --revision 'exp 1'"
+    assert "not publishing from here" in capsys.readouterr().out
+    # The dry run says so too.
+    monkeypatch.chdir(REPO)
+    pipeline = load_job(REPO / "jobs" / "rocov2_large.yaml", ["hub.repo_id=myorg/rocov2-large",
+                                                              f"output_dir={tmp_path / 'root'}"])
+    out = dry_run(pipeline)
+    assert "offline job (offline: true): not published from the node" in out and "published to" not in out
 
 
 def test_predict_reads_upper_case_jsonl_as_jsonl(capped_run, tmp_path, capsys):

@@ -170,6 +170,30 @@ def test_run_writes_plots_and_prints_the_epoch_table(run):
     assert len(rows) == 2 and sum(r.endswith("*") for r in rows) == 1
 
 
+def test_plots_name_the_runs_threshold_and_leave_out_labels_without_validation_support(tmp_path, monkeypatch):
+    """The plots said 'threshold 0.5' whatever train.threshold was, and drew labels no validation
+    caption carries at F1 = 0, like labels the model gets wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from radtrain import plots
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figures to read them back
+    path = tmp_path / "per_label.json"
+    plots.save_per_label(path, ["C1", "C2", "C3"], [50, 10, 3], np.array([4, 0, 2]), np.array([0.8, 0.0, 0.5]),
+                         None, threshold=0.3)
+    plots.plot_per_label(json.loads(path.read_text()), tmp_path / "p.png")
+    plots.plot_f1([{"epoch": 1, "f1": 0.5}], tmp_path / "f.png", threshold=0.3)
+    per_label_ax, f1_ax = kept[0].axes[0], kept[1].axes[0]
+    assert "1 absent from validation not shown" in per_label_ax.get_title()
+    assert len(per_label_ax.collections[0].get_offsets()) == 2
+    assert per_label_ax.get_legend().get_texts()[0].get_text() == "threshold 0.3"
+    assert f1_ax.get_ylabel() == "validation F1 (threshold 0.3)"
+
+
 def _wandb_records(path: str):
     """Records of a .wandb file (LevelDB-style log: 7-byte header, 32 KiB blocks, chunked records)."""
     from wandb.proto import wandb_internal_pb2 as pb

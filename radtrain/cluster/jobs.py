@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -269,7 +270,15 @@ class SelectJob(Checkpointable):
         # The pipeline's result is recorded before the upload, which can fail on its own (the
         # Hub unreachable from the node): the selection stands, and `radtrain push` retries.
         write_json(root / SELECTION_FILE, result)
-        if self.hub.get("repo_id"):
+        if self.hub.get("repo_id") and offline_env(self.env):
+            # `offline: true`: this node has no internet, so a push could only fail (exit 3). The
+            # selection is complete; the upload is one command on a node that reaches the Hub.
+            later = publish_command(run_dir, self.hub)
+            result["publish_later"] = later
+            write_json(root / SELECTION_FILE, result)
+            print(f"[radtrain] select: offline job, not publishing from here; from a node with internet run: {later}",
+                  flush=True)
+        elif self.hub.get("repo_id"):
             from radtrain.hub import PushError
 
             try:
@@ -286,6 +295,21 @@ class SelectJob(Checkpointable):
             flush=True,
         )
         return result
+
+
+def offline_env(env: dict[str, str] | None) -> bool:
+    """Whether the job file turned the Hub off for its jobs (``offline: true``)."""
+    value = (env or {}).get("HF_HUB_OFFLINE", "")
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def publish_command(run_dir: Path | str, hub: dict[str, Any]) -> str:
+    command = f"radtrain push {shlex.quote(str(run_dir))} --repo-id {shlex.quote(str(hub['repo_id']))}"
+    if hub.get("revision"):
+        command += f" --revision {shlex.quote(str(hub['revision']))}"
+    if hub.get("private") is False:
+        command += " --public"
+    return command
 
 
 def _publish(run_dir: Path, hub: dict[str, Any]) -> str | None:

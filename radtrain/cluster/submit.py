@@ -75,12 +75,24 @@ def _callables(pipeline: Pipeline, step: Step) -> list[Any]:
     ]
 
 
+def _publish_note(pipeline: Pipeline, step: Step) -> str:
+    from radtrain.cluster.jobs import offline_env
+
+    repo = pipeline.hub.get("repo_id")
+    if not repo:
+        return ""
+    if offline_env(step.env):
+        return (f"; offline job (offline: true): not published from the node, selection.json gives the "
+                f"`radtrain push ... --repo-id {repo}` to run from a node with internet")
+    return f", published to {repo}"
+
+
 def _member_lines(pipeline: Pipeline, step: Step, job_id: str) -> list[str]:
     lines = []
     if step.name == "select":
         lines.append(
             f"    -> {pipeline.root / SELECTION_FILE}, model in {pipeline.root / 'selected'}"
-            f"{', published to ' + pipeline.hub['repo_id'] if pipeline.hub.get('repo_id') else ''}"
+            f"{_publish_note(pipeline, step)}"
         )
         lines.append(f"       log {pipeline.root / 'logs' / job_id}/")
         return lines

@@ -118,6 +118,23 @@ def check_run_dir(cfg: RunConfig, phase: str, world_size: int, layout: str | Non
 
 
 
+def _warn_if_publishing_cannot_work(cfg: RunConfig, phase: str) -> None:
+    """Said at start, not after hours of training: the push at the end would fail (exit 3, the
+    results kept) without the Hub or a token."""
+    if phase != "classify" or not cfg.hub.repo_id or os.environ.get("RADTRAIN_HUB_RECORDER"):
+        return
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    elif not get_token():
+        why = "no Hugging Face token is found (HF_TOKEN or `hf auth login`)"
+    else:
+        return
+    log.warning("hub.repo_id=%s but %s: the run will train and test, then fail to publish (exit 3, results kept); "
+                "publish later with `radtrain push %s`", cfg.hub.repo_id, why, cfg.output_dir)
+
+
 def label_names(cfg: RunConfig, splits: dict[str, Split]) -> dict[str, str]:
     from radtrain.data.cui_names import CUI_NAMES
 
@@ -289,6 +306,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     run_dir = Path(cfg.output_dir)
     check_run_dir(cfg, phase, accelerator.num_processes, checkpoint_layout(accelerator))
     if accelerator.is_main_process:
+        _warn_if_publishing_cannot_work(cfg, phase)
         ensure_writable(run_dir)
         recover_dir(run_dir / "best")
     accelerator.wait_for_everyone()

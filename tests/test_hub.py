@@ -284,6 +284,8 @@ def test_training_run_exits_3_when_push_fails(tmp_path, monkeypatch, capsys):
     )
     err = capsys.readouterr().err
     assert code == EXIT_PUSH_FAILED, err[-2000:]
+    # Here the suite runs with HF_HUB_OFFLINE=1 (tests/run.sh) and no token: said at start, before training.
+    assert "then fail to publish (exit 3" in err.split("epoch")[0]
     assert seen["calls"] == hub.MAX_TRIES
     assert "publishing failed" in err and f"still failing after {hub.MAX_TRIES} tries" in err
     assert f"radtrain push {run} --repo-id {REPO_ID}" in err

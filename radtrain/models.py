@@ -292,6 +292,9 @@ def use_compile_cache(directory: Path) -> str | None:
 _compile_cache_set: str | None = None
 
 
+COMPILE_BACKEND_ENV = "RADTRAIN_COMPILE_BACKEND"
+
+
 def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> None:
     """torch.compile a model in place (``nn.Module.compile``: state_dict keys, checkpoints and
     exports unchanged).
@@ -305,7 +308,13 @@ def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> None:
     Every layer's compiled entry hangs off one code object (``Module._call_impl``), and Dynamo
     keeps at most ``recompile_limit`` (default 8) graphs per code object before it silently falls
     back to eager: 3 kinds of layer x training / evaluation x static / dynamic shapes would pass
-    that, so the limit is raised to fit them."""
+    that, so the limit is raised to fit them.
+
+    ``$RADTRAIN_COMPILE_BACKEND`` (default ``inductor``) picks torch.compile's backend; ``aot_eager``
+    runs Dynamo and AOTAutograd without Inductor's code generation: the usual way to tell a Dynamo
+    problem from an Inductor one, and what the 2-process ZeRO-3 test uses (Inductor's C++ builds
+    took most of its 3-4 minutes on 2 cores; the single-process compile test keeps Inductor)."""
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor").strip() or "inductor"
     layers = getattr(getattr(model, "model", None), "layers", None)
     if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
         from torch._dynamo import config as dynamo_config
@@ -314,6 +323,6 @@ def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> None:
             if hasattr(dynamo_config, name):
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         for layer in layers:
-            layer.compile(dynamic=dynamic)
+            layer.compile(dynamic=dynamic, backend=backend)
         return
-    model.compile(dynamic=dynamic)
+    model.compile(dynamic=dynamic, backend=backend)

@@ -321,12 +321,15 @@ def check_baseline_dir(out_dir: Path, identity: dict[str, Any]) -> None:
     baseline again (same features, model and data) replaces its own results."""
     from radtrain.checkpoint import recorded_task
 
-    training = [n for n in ("checkpoints", "best", "metrics.jsonl", "config.yaml") if (out_dir / n).exists()]
+    training = [n for n in ("checkpoints", "best", "metrics.jsonl", "config.yaml", "config.json", "radtrain.json")
+                if (out_dir / n).exists()]
+    training += [p.name for p in out_dir.glob("*.safetensors")][:1]  # a model export (best/, selected/, a snapshot)
     task = recorded_task(out_dir)
     if training or task not in (None, "baseline"):
         raise ConfigError(
-            f"--output-dir {out_dir} holds a {task or 'training'} run's files ({', '.join(training) or 'summary.json'}); "
-            "a baseline would overwrite its summary.json and labels.json. Use another --output-dir."
+            f"--output-dir {out_dir} holds a {task or 'training'} run's or a model export's files "
+            f"({', '.join(training) or 'summary.json'}); a baseline would overwrite its summary.json, labels.json and "
+            "thresholds.json. Use another --output-dir."
         )
     if task is None:
         return
@@ -359,12 +362,11 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         )
     check_model_source(args.model, "--model")
     overrides = [f"data.source={args.data}"] + cli_overrides
-    cfg = load_config(args.config, overrides)
-    # --output-dir wins, then an output_dir set in --config or an override, then a default per feature kind.
-    if args.output_dir:
-        cfg = load_config(args.config, overrides + [f"output_dir={args.output_dir}"])
-    elif cfg.output_dir == RunConfig().output_dir:
-        cfg = load_config(args.config, overrides + [f"output_dir=runs/baseline-{args.features}"])
+    # --output-dir, else an output_dir= override, else a default per feature kind. Not the --config
+    # file's output_dir: that is the training run's directory when the same config serves both.
+    explicit = [o for o in cli_overrides if o.split("=", 1)[0].strip() == "output_dir"]
+    output = args.output_dir or (explicit[-1].split("=", 1)[1].strip() if explicit else f"runs/baseline-{args.features}")
+    cfg = load_config(args.config, overrides + [f"output_dir={output}"])
     run_baseline(cfg, args.features, args.model, c=c_values, max_iter=args.max_iter, batch_size=args.batch_size)
     return 0
 
@@ -378,7 +380,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="encoder for --features model: Hub id, directory, a run's best/, or scratch:tiny")
     p.add_argument("--features", choices=FEATURES, default="model", help="'model' (default) or 'tfidf' (no model)")
     p.add_argument("--output-dir", help="where summary.json, thresholds.json, predictions.npz go")
-    p.add_argument("--config", "-c", help="YAML config (its data section applies)")
+    p.add_argument(
+        "--config", "-c",
+        help="YAML config: its data and train.threshold* settings apply (not its output_dir, the training run's)",
+    )
     p.add_argument(
         "--C", nargs="+", default=None,
         help="inverse L2 strength of each logistic regression; several values (spaces or commas) are compared "

@@ -118,13 +118,20 @@ def preset_config(name: str, config_path: str | None, overrides: list[str]) -> R
     return load_config(config_path, list(overrides) + forced)
 
 
+def _strip_stray_commas(item: str) -> str:
+    """``train.lr=1e-3,`` -> ``train.lr=1e-3``; a value that is only commas (a delimiter) is kept."""
+    key, sep, value = item.strip().partition("=")
+    stripped = value.rstrip(",").strip()
+    return f"{key}{sep}{stripped or value.strip()}"
+
+
 def parse_variant(spec: str) -> tuple[str, list[str]]:
     """``NAME:KEY=VALUE[,KEY=VALUE...]`` -> (NAME, overrides): a preset of its own, the user's
     configuration plus these overrides (e.g. ``b512:train.batch_size=512``)."""
     name, sep, rest = spec.partition(":")
     name = name.strip()
     # Commas separate settings only where a KEY= follows, so a value may hold one (label_delimiter=,).
-    items = [item.strip() for item in re.split(r",(?=\s*[A-Za-z_][\w.]*=)", rest) if item.strip()]
+    items = [_strip_stray_commas(item) for item in re.split(r",(?=\s*[A-Za-z_][\w.]*=)", rest) if item.strip()]
     if not sep or not name or not items or any("=" not in item for item in items):
         raise ConfigError(
             f"--variant {spec!r} is not NAME:KEY=VALUE[,KEY=VALUE...]; e.g. --variant b512:train.batch_size=512"
@@ -618,12 +625,12 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Run ``presets`` and then ``variants`` (name -> overrides on top of the user's configuration)
     in order and return (and optionally write) their rows."""
-    from radtrain.distributed import world_size_from_env
+    from radtrain.distributed import launched_processes
 
-    if world_size_from_env() > 1:
+    if launched_processes() > 1:
         raise ConfigError(
             "radtrain bench measures one process (its rows would mix every rank's captions with this rank's "
-            "tokens, and each rank would write --json); run it without accelerate launch / torchrun"
+            "tokens, and each rank would write --json); run it without accelerate launch / torchrun / srun -n N"
         )
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")

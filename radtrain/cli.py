@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -85,12 +86,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         texts = itertools.chain(texts, read_texts(args.input, column))
     first = next(texts, None)
     if first is None:
-        raise ConfigError("predict: give texts as arguments or --input FILE (.jsonl with a 'caption' field, or .txt)")
+        raise ConfigError("predict: give texts as arguments or --input FILE (.jsonl/.csv/... with the model's text "
+                          "column, 'text' or 'caption'; or .txt, one text per line)")
     # Streamed: one line per text as its chunk is scored, whatever the input's size.
-    for line in predict_lines(args.model, itertools.chain([first], texts), threshold=args.threshold,
-                              batch_size=args.batch_size):
-        print(line, flush=False)
-    sys.stdout.flush()
+    try:
+        for line in predict_lines(args.model, itertools.chain([first], texts), threshold=args.threshold,
+                                  batch_size=args.batch_size):
+            print(line, flush=False)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `radtrain predict ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return EXIT_OK
 
 

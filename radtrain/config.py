@@ -47,13 +47,15 @@ def check_repo_id(repo_id: str, what: str = "hub.repo_id") -> None:
 
 
 # git check-ref-format's rules, as the Hub applies them to a branch name.
-_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|^[-/.]|[/.]$|\.lock$|/\.")
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|^[-/.]|[/.]$|\.lock(/|$)|/\.")
 
 
 def check_revision(revision: str, what: str = "hub.revision") -> None:
     _check(
-        bool(revision) and not _BAD_REF.search(revision) and revision != "@",
-        f"{what}={revision!r} is not a valid branch name (no spaces, '..', '~^:?*[\\', and no leading '-')",
+        bool(revision) and not _BAD_REF.search(revision) and revision not in ("@", "HEAD"),
+        f"{what}={revision!r} is not a valid git branch name (git check-ref-format: no spaces or any of "
+        "'~^:?*[\\', no '..', '//' or '@{', no part starting with '.' or ending with '.lock', and it may not start "
+        "with '-' or '/' nor end with '/' or '.')",
     )
 
 

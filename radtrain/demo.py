@@ -7,6 +7,7 @@ example predictions with CUI names.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,16 @@ def _written_by_demo(path: Path) -> bool:
         return True
     if path.name not in DATASET_FILES or not path.is_file():
         return False
-    if path.suffix != ".jsonl" or path.stat().st_size == 0:
+    if path.stat().st_size == 0:
         return True
+    if path.suffix != ".jsonl":  # cui_names.json: the synthetic captions' CUIs with their real names
+        from radtrain.data.cui_names import CUI_NAMES
+
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(names, dict) and all(CUI_NAMES.get(k) == v for k, v in names.items())
     with open(path, encoding="utf-8", errors="replace") as fh:
         return '"image_id": "SYNTH_' in fh.readline()
 

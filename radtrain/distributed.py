@@ -48,7 +48,7 @@ def export_slurm_env(overwrite: bool = False) -> None:
     """
     if "SLURM_PROCID" not in os.environ or ("RANK" in os.environ and not overwrite):
         return
-    ntasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")))
+    ntasks = _slurm_ntasks()
     if ntasks <= 1:
         return
     ranks = {
@@ -68,6 +68,18 @@ def export_slurm_env(overwrite: bool = False) -> None:
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _slurm_ntasks() -> int:
+    return int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started for this command: WORLD_SIZE (accelerate launch,
+    torchrun), or the SLURM task count where export_slurm_env would map srun's tasks to ranks."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        return max(world_size_from_env(), _slurm_ntasks())
+    return world_size_from_env()
 
 
 def _quiet_deepspeed_deprecations() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ def evaluate_model(
             "run's best/ (radtrain predict works without it)"
         )
     meta = read_meta(model_dir)
+    trained_on = str(meta.get("data", {}).get("source") or "")
+    if not source and trained_on.startswith("local:"):
+        raise ConfigError(
+            f"{model_dir} was trained on a local file ({trained_on[len('local:'):]}) that a published export does not "
+            "name in full; pass the data to score with --data FILE"
+        )
+    label_space = LabelSpace.load(model_dir / LABELS_FILE)
+    outputs = len(_read_json(model_dir / "config.json").get("id2label") or {})
+    if outputs and outputs != len(label_space):
+        raise ConfigError(
+            f"{model_dir}: labels.json lists {len(label_space)} CUIs but the model has {outputs} outputs; it is not this "
+            "model's label file (copy labels.json from the run's best/)"
+        )
     cfg = export_config(meta, source, overrides)
     held_out = _held_out_file(meta, source)
     if held_out:
@@ -67,7 +81,6 @@ def evaluate_model(
         if split not in splits:
             raise ConfigError(f"split {split!r} not found in {cfg.data.source}; available: {sorted(splits)}")
         captions = splits[split]
-    label_space = LabelSpace.load(model_dir / LABELS_FILE)
     # The run's own precision (older exports: train.precision as resolved here).
     precision = meta.get("precision") or resolve_precision(cfg.train.precision)
     accelerator = make_accelerator(precision, 1)
@@ -83,6 +96,13 @@ def evaluate_model(
             write_json(output, {"split": split, "data": captions.origin, "model": str(model_dir),
                                 "captions": len(tokenized), **metrics})
     return metrics
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from exc
 
 
 def _held_out_file(meta: dict[str, Any], source: str | None) -> bool:

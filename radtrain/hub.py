@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -188,6 +189,18 @@ TIMEOUT_ENV = "RADTRAIN_HUB_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 120.0
 
 
+def hub_timeout_s() -> float:
+    """$RADTRAIN_HUB_TIMEOUT_S, checked: a positive, finite number of seconds."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} must be a positive number of seconds (default {DEFAULT_TIMEOUT_S:g})")
+    return seconds
+
+
 def _bound_http_waits() -> None:
     """huggingface_hub's HTTP client waits forever by default (``timeout=None``): a proxy or
     firewall that accepts the connection and never answers would hang the push, and the run's end,
@@ -199,10 +212,7 @@ def _bound_http_waits() -> None:
         return
     from huggingface_hub.utils import _http
 
-    try:
-        seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-    except ValueError:
-        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds") from None
+    seconds = hub_timeout_s()
     default = getattr(_http, "default_client_factory", None)
     if default is None or getattr(_bound_http_waits, "seconds", None) == seconds:
         return

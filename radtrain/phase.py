@@ -120,8 +120,13 @@ def check_run_dir(cfg: RunConfig, phase: str, world_size: int, layout: str | Non
 
 def _warn_if_publishing_cannot_work(cfg: RunConfig, phase: str) -> None:
     """Said at start, not after hours of training: the push at the end would fail (exit 3, the
-    results kept) without the Hub or a token."""
-    if phase != "classify" or not cfg.hub.repo_id or os.environ.get("RADTRAIN_HUB_RECORDER"):
+    results kept) without the Hub or a token, or with a bad $RADTRAIN_HUB_TIMEOUT_S (refused)."""
+    if phase != "classify" or not cfg.hub.repo_id:
+        return
+    from radtrain.hub import hub_timeout_s
+
+    hub_timeout_s()  # a bad $RADTRAIN_HUB_TIMEOUT_S fails now, not after training
+    if os.environ.get("RADTRAIN_HUB_RECORDER"):
         return
     from huggingface_hub import constants, get_token
 

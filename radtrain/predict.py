@@ -90,8 +90,8 @@ class Predictor:
 
 
 def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
-    """Texts from a .jsonl file (field ``text_column`` or ``text``), a .json/.csv/.tsv/.parquet
-    file (the same field, read as training reads these), or any other file as plain text (one per
+    """Texts from a .jsonl file (field ``text_column``, else ``text``, else ``caption``), a
+    .json/.csv/.tsv/.parquet file (the same fields, read as training reads these), or any other file as plain text (one per
     line). Unreadable or malformed input raises DataError (exit 2) naming the file and line."""
     path = Path(path)
     if path.suffix.lower() in FILE_SUFFIXES and path.suffix.lower() != ".jsonl":
@@ -114,9 +114,9 @@ def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{number}: malformed JSON ({exc.msg}); one JSON object per line") from exc
-                text = row.get(text_column, row.get("text")) if isinstance(row, dict) else row
+                text = _first_text(row, text_column) if isinstance(row, dict) else row
                 if not isinstance(text, str):
-                    raise DataError(f"{path}:{number}: no string field {text_column!r} or 'text'")
+                    raise DataError(f"{path}:{number}: no string field {_columns_text(text_column)} (--text-column)")
                 yield text
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: line {number + 1} is not UTF-8 text ({exc.reason})") from exc
@@ -125,11 +125,36 @@ def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
 def _table_texts(path: Path, text_column: str) -> Iterator[str]:
     if not path.is_file():
         raise DataError(f"--input {path}: no such file")
-    for where, row in read_rows(path, [text_column, "text"]):
-        text = row.get(text_column, row.get("text"))
+    columns = _text_columns(text_column)
+    if path.suffix.lower() == ".parquet":  # read_rows requires the first column it is given
+        import pyarrow.parquet as pq
+
+        try:
+            names = set(pq.read_schema(path).names)
+        except Exception:  # noqa: BLE001 - read_rows reports an unreadable file as a DataError
+            names = set()
+        columns = [c for c in columns if c in names] or columns
+    for where, row in read_rows(path, columns):
+        text = _first_text(row, text_column)
         if not isinstance(text, str):
-            raise DataError(f"{where}: no string field {text_column!r} or 'text' (fields: {sorted(row)})")
+            raise DataError(f"{where}: no string field {_columns_text(text_column)} (fields: {sorted(row)}; --text-column)")
         yield text
+
+
+def _text_columns(text_column: str) -> list[str]:
+    """Where a text is looked for: the given column, then 'text', then 'caption'."""
+    return list(dict.fromkeys([text_column, "text", "caption"]))
+
+
+def _columns_text(text_column: str) -> str:
+    return " or ".join(repr(c) for c in _text_columns(text_column))
+
+
+def _first_text(row: dict, text_column: str):
+    for column in _text_columns(text_column):
+        if isinstance(row.get(column), str):
+            return row[column]
+    return None
 
 
 def export_text_column(model_dir: str | Path) -> str:

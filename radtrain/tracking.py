@@ -118,6 +118,12 @@ class WandbTracker:
             call()
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a training run
             self.failed = True
+            try:  # wandb's exit hook would print the same broken connection again, as a traceback
+                import wandb
+
+                wandb.teardown()
+            except Exception:  # noqa: BLE001 - the service is already gone
+                pass
             log.warning("wandb: %s failed (%s: %s); tracking is off for the rest of this run (metrics.jsonl and "
                         "train_log.jsonl have every figure)", what, type(exc).__name__, str(exc)[:200])
 

@@ -402,6 +402,15 @@ def test_demo_checks_its_settings_before_writing_any_data(tmp_path, capsys):
     assert (data / "train.jsonl").read_text() == mine
 
 
+def test_demo_keeps_a_users_cui_names_file(tmp_path, capsys):
+    data = tmp_path / "proj" / "data"
+    data.mkdir(parents=True)
+    (data / "cui_names.json").write_text('{"C0000005": "my own name"}')
+    assert main(["demo", "--output-dir", str(tmp_path / "proj"), "train.epochs=1"]) == 2
+    assert "cui_names.json" in capsys.readouterr().err
+    assert (data / "cui_names.json").read_text() == '{"C0000005": "my own name"}'
+
+
 def test_demo_names_an_unwritable_output_dir(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["demo", "--output-dir", str(tmp_path / "afile" / "demo")]) == 2
@@ -449,7 +458,7 @@ def test_baseline_never_overwrites_a_training_run_or_another_baseline(tmp_path, 
     (run / "metrics.jsonl").write_text("{}\n")
     base = ["baseline", "--data", str(data), "--features", "tfidf", "--C", "1"]
     assert main([*base, "--output-dir", str(run)]) == 2
-    assert "classify run's files" in capsys.readouterr().err
+    assert "classify run's or a model export's files" in capsys.readouterr().err
     assert json.loads((run / "summary.json").read_text()) == {"task": "classify", "best_step": 7}
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "summary.json"]
 
@@ -480,14 +489,27 @@ def test_baseline_c_values_and_overrides(tmp_path, capsys):
     assert "train.lr=1e-3" in capsys.readouterr().err
 
 
-def test_baseline_keeps_an_output_dir_from_its_config(tmp_path, monkeypatch):
+def test_baseline_output_dir_is_its_own_not_the_training_configs(tmp_path, monkeypatch, capsys):
+    """The same --config serves training and the baseline: its output_dir is the training run's, so
+    the baseline goes to --output-dir, an output_dir= override, or runs/baseline-<features>. And a
+    model export (best/, selected/, a Hub snapshot) is never a baseline's output directory."""
     data = write_jsonl(tmp_path / "roco.jsonl", real_rows(300))
-    (tmp_path / "cfg.yaml").write_text(f"output_dir: {tmp_path / 'from_config'}\n")
+    (tmp_path / "cfg.yaml").write_text(f"output_dir: {tmp_path / 'training_run'}\n")
     monkeypatch.chdir(tmp_path)
-    assert main(["baseline", "--data", str(data), "--features", "tfidf", "--C", "1", "--config",
-                 str(tmp_path / "cfg.yaml"), "data.min_label_count=3"]) == 0
-    assert (tmp_path / "from_config" / "summary.json").is_file()
-    assert not (tmp_path / "runs").exists()
+    base = ["baseline", "--data", str(data), "--features", "tfidf", "--C", "1", "--config", str(tmp_path / "cfg.yaml"),
+            "data.min_label_count=3"]
+    assert main(base) == 0
+    assert (tmp_path / "runs" / "baseline-tfidf" / "summary.json").is_file()
+    assert not (tmp_path / "training_run").exists()
+    assert main([*base, f"output_dir={tmp_path / 'mine'}"]) == 0
+    assert (tmp_path / "mine" / "summary.json").is_file()
+    export = tmp_path / "best"
+    export.mkdir()
+    for name, text in (("config.json", "{}"), ("labels.json", '{"labels": []}'), ("thresholds.json", "{}")):
+        (export / name).write_text(text)
+    assert main([*base, "--output-dir", str(export)]) == 2
+    assert "model export" in capsys.readouterr().err
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "labels.json", "thresholds.json"]
 
 
 def test_tfidf_baseline_without_a_shared_word_is_a_data_error(tmp_path, capsys):

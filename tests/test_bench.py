@@ -145,6 +145,8 @@ def test_a_variant_value_may_hold_a_comma():
     assert parse_variant("d:data.label_delimiter=,, train.batch_size=4") == (
         "d", ["data.label_delimiter=,", "train.batch_size=4"]
     )
+    assert parse_variant("b:train.lr=1e-3,") == ("b", ["train.lr=1e-3"])  # a stray comma, as before
+    assert parse_variant("a:train.lr=1,,train.seed=2") == ("a", ["train.lr=1", "train.seed=2"])
 
 
 def test_bench_checks_its_json_path_and_process_count_before_measuring(captions, tmp_path, capsys, monkeypatch):
@@ -158,6 +160,12 @@ def test_bench_checks_its_json_path_and_process_count_before_measuring(captions,
     err, out = capsys.readouterr()[::-1]
     assert "cannot be written" in err and "captions/s" not in out
     monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(args) == 2
+    assert "one process" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_PROCID", "0")  # srun -n 2: ranks come from SLURM's task variables
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.delenv("RANK", raising=False)
     assert main(args) == 2
     assert "one process" in capsys.readouterr().err
 

@@ -189,6 +189,18 @@ def test_evaluate_refuses_what_it_would_ignore_or_fail_on_late(capped_run, tmp_p
     written = json.loads((tmp_path / "h.json").read_text())
     assert written["split"] == "held-out" and written["data"].endswith("held_out.jsonl")
     assert "held-out/f1" in capsys.readouterr().out
+    # A published export names its local training file by name only; another model's labels.json.
+    published = tmp_path / "published"
+    shutil.copytree(best, published)
+    meta = json.loads((published / "radtrain.json").read_text())
+    (published / "radtrain.json").write_text(json.dumps({**meta, "data": {**meta["data"], "source": "local:roco.jsonl"}}))
+    assert main(["evaluate", "--model", str(published)]) == 2
+    assert "--data FILE" in capsys.readouterr().err
+    labels = json.loads((bare.parent / "published" / "labels.json").read_text())
+    labels["labels"] = labels["labels"][:-1]
+    (published / "labels.json").write_text(json.dumps(labels))
+    assert main(["evaluate", "--model", str(published), "--data", str(held_out)]) == 2
+    assert "outputs" in capsys.readouterr().err
 
 
 def test_a_failed_push_keeps_the_selection_record(capped_run, tmp_path, monkeypatch):
@@ -228,13 +240,15 @@ def test_an_offline_selection_job_leaves_the_push_to_a_node_with_internet(capped
     monkeypatch.chdir(capped_run)
     monkeypatch.setenv("RADTRAIN_CACHE", str(capped_run / "cache"))
     monkeypatch.setenv("RADTRAIN_HUB_RECORDER", str(tmp_path / "calls.jsonl"))  # any call would be recorded
-    hub = {"repo_id": "org/name", "revision": "exp 1"}
+    hub = {"repo_id": "org/name", "revision": "exp1", "private": False, "commit_message": "lr sweep's best"}
     job = SelectJob(str(tmp_path), [str(member)], "f1", hub, {"HF_HUB_OFFLINE": "1"}, max_requeues=0)
     result = job()
     assert not (tmp_path / "calls.jsonl").exists()
     selection = json.loads((tmp_path / "selection.json").read_text())
     assert selection["published"] is None and selection == {**result}
-    assert selection["publish_later"] == f"radtrain push {member} --repo-id org/name --revision 'exp 1'"
+    assert selection["publish_later"] == (
+        f"radtrain push {member} --repo-id org/name --revision exp1 --public --message 'lr sweep'\"'\"'s best'"
+    )
     assert "not publishing from here" in capsys.readouterr().out
     # The dry run says so too.
     monkeypatch.chdir(REPO)
@@ -316,6 +330,37 @@ def test_predict_reads_the_text_column_the_model_was_trained_on_and_streams(capp
     assert main(["predict", "--model", str(best), "--input", str(path), "--text-column", "impression"]) == 0
     whole = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert chunked == whole and len(whole) == 5
+    # A file in the usual caption format still works for that model (its column, then text, then caption).
+    path.write_text("".join(json.dumps({"caption": t}) + "\n" for t in texts), encoding="utf-8")
+    assert main(["predict", "--model", str(best), "--input", str(path)]) == 0
+    assert [json.loads(x)["text"] for x in capsys.readouterr().out.splitlines() if x.startswith("{")] == texts
+    # Streamed: the first line comes out before the input is read to its end.
+    consumed = []
+
+    def endless():
+        for i in range(10_000):
+            consumed.append(i)
+            yield f"CT of the chest {i}."
+
+    monkeypatch.setattr(predict, "PREDICT_CHUNK", 4)
+    first = next(predict.predict_lines(best, endless()))
+    assert json.loads(first)["text"] == "CT of the chest 0." and len(consumed) <= 8
+
+
+def test_predict_into_a_closed_pipe_ends_quietly(capped_run, tmp_path):
+    """`radtrain predict ... | head -1` ended with a BrokenPipeError traceback."""
+    path = tmp_path / "many.txt"
+    path.write_text("".join(f"Axial CT of the chest number {i}.\n" for i in range(3000)), encoding="utf-8")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "radtrain", "predict", "--model", str(capped_run / "run" / "best"), "--input", str(path),
+         "--threshold", "0.0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(),
+    )
+    assert proc.stdout.readline().startswith(b'{"text"')
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err
 
 
 def test_predict_threshold_override_replaces_the_rule(capped_run, capsys):

@@ -325,9 +325,20 @@ def test_a_repo_id_the_hub_refuses_is_refused_before_training(repo_id, tmp_path,
                  f"hub.repo_id={repo_id}"]) == 2
     assert "not a valid Hub repo id" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    assert main(["classify", "--output-dir", str(tmp_path / "run"), "data.source=nowhere.jsonl", *TINY,
-                 f"hub.repo_id={REPO_ID}", "hub.revision=my branch"]) == 2
-    assert "not a valid branch name" in capsys.readouterr().err
+    for revision in ("my branch", "a.lock/b", "HEAD", "x/"):
+        assert main(["classify", "--output-dir", str(tmp_path / "run"), "data.source=nowhere.jsonl", *TINY,
+                     f"hub.repo_id={REPO_ID}", f"hub.revision={revision}"]) == 2
+        assert "not a valid git branch name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "nan", "0"])
+def test_a_bad_hub_timeout_is_refused_before_training(value, tmp_path, monkeypatch, capsys):
+    data = write_roco_slice(tmp_path / "roco.jsonl", 60)
+    monkeypatch.setenv(hub.TIMEOUT_ENV, value)
+    assert main(["classify", "--output-dir", str(tmp_path / "run"), f"data.source={data}", *TINY,
+                 f"hub.repo_id={REPO_ID}"]) == 2
+    assert hub.TIMEOUT_ENV in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_hub_that_never_answers_times_out(published, monkeypatch):

@@ -70,3 +70,36 @@ def test_an_online_run_without_credentials_is_a_config_error(tmp_path, monkeypat
     cfg = load_config(None, ["tracking.backend=wandb", "tracking.mode=online", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="wandb login"):
         WandbTracker(cfg, tmp_path, "classify")
+
+
+def test_a_run_whose_wandb_died_exits_without_a_traceback(tmp_path):
+    """After the tracker switched itself off, wandb's exit hook printed the broken connection again
+    as a ~20-line traceback at the end of an otherwise successful run."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    script = f"""
+import os, signal, time
+from pathlib import Path
+from accelerate import PartialState
+PartialState(cpu=True)
+from radtrain.config import load_config
+from radtrain.tracking import WandbTracker
+cfg = load_config(None, ["tracking.backend=wandb", "output_dir={tmp_path}"])
+tracker = WandbTracker(cfg, Path("{tmp_path}"), "classify")
+tracker.log({{"loss": 1.0}}, step=1)
+for entry in Path("/proc").iterdir():  # this process's wandb service (its child)
+    if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+        os.kill(int(entry.name), signal.SIGTERM)
+time.sleep(1.0)
+tracker.log({{"loss": 0.5}}, step=2)
+tracker.finish(None)
+print("done")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=subprocess_env(WANDB_MODE="offline"))
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+    assert "tracking is off" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -309,6 +309,8 @@ def publish_command(run_dir: Path | str, hub: dict[str, Any]) -> str:
         command += f" --revision {shlex.quote(str(hub['revision']))}"
     if hub.get("private") is False:
         command += " --public"
+    if hub.get("commit_message"):
+        command += f" --message {shlex.quote(str(hub['commit_message']))}"
     return command
 
 

@@ -48,6 +48,7 @@ class TrainerState:
     train_time_s: float = 0.0
     history: list[dict] = field(default_factory=list)
     total_steps: int = 0  # the run's planned optimizer steps (0: written before radtrain recorded it)
+    warmup_steps: int | None = None  # the run's warm-up (None: written before radtrain recorded it)
     # The train loss summed since the last train_log row: a resume between two rows must log
     # the same mean as a run that was never stopped.
     log_window_loss: float = 0.0

@@ -114,6 +114,7 @@ class DataConfig:
         _check(self.max_length >= 8, f"data.max_length must be >= 8, got {self.max_length}")
         _check(0.0 < self.validation_fraction < 0.9, "data.validation_fraction must be in (0, 0.9)")
         _check(0.0 < self.test_fraction < 0.9, "data.test_fraction must be in (0, 0.9)")
+        _check(self.split_seed >= 0, f"data.split_seed must be >= 0 (numpy's generators take no negative seed), got {self.split_seed}")
         _check(self.padding in ("longest", "max_length"), "data.padding must be 'longest' or 'max_length'")
         _check(
             self.label_delimiter != "",
@@ -236,6 +237,8 @@ class TrainConfig:
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
+        _check(self.log_every_steps >= 1, f"train.log_every_steps must be >= 1, got {self.log_every_steps}")
+        _check(self.seed >= 0, f"train.seed must be >= 0 (numpy's generators take no negative seed), got {self.seed}")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
         for name in ("adam_beta1", "adam_beta2"):
             _check(0.0 <= getattr(self, name) < 1.0, f"train.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -97,15 +97,28 @@ def _fused_adamw_supported() -> bool:
     return torch.cuda.is_available() or (major, minor) >= (2, 4)
 
 
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    # Exactly transformers.get_linear_schedule_with_warmup (the series' schedule): the factor for
-    # step s is s / warmup during warmup, so the first optimizer step runs at lr 0 when warmup > 0.
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+def warmup_steps_for(warmup_ratio: float, total_steps: int) -> int:
+    """The HF Trainer's warm-up length (TrainingArguments.get_warmup_steps): rounded up."""
+    return math.ceil(warmup_ratio * total_steps)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+class LinearWarmupDecay:
+    """Exactly transformers.get_linear_schedule_with_warmup (the series' schedule): the factor for
+    step s is s / warmup during warmup, so the first optimizer step runs at lr 0 when warmup > 0.
+    A callable object rather than a closure: LambdaLR saves its attributes with the scheduler state,
+    and a resumed run can keep the warm-up its checkpoint was trained with."""
+
+    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmupDecay(warmup_steps, total_steps))
 
 
 class StopFlag:
@@ -190,11 +203,24 @@ class Trainer:
             # away: compile the dynamic one at once.
             models.compile_in_place(model, dynamic=True if self.packing else None)
         optimizer = build_optimizer(model, cfg)
-        scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * self.total_steps), self.total_steps)
+        self.warmup_steps = warmup_steps_for(cfg.train.warmup_ratio, self.total_steps)
+        scheduler = linear_schedule(optimizer, self.warmup_steps, self.total_steps)
+        self.schedule = scheduler.lr_lambdas[0]
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        self.state = TrainerState(total_steps=self.total_steps)
+        self.state = TrainerState(total_steps=self.total_steps, warmup_steps=self.warmup_steps)
         self.stop = StopFlag()
         self.stop_requested = False  # a stop signal seen by any rank, agreed at the last step
+
+    def _keep_checkpoint_warmup(self) -> None:
+        """A resumed run keeps the warm-up it started with: radtrain before 2026-11-28 rounded the
+        warm-up down (int) where the HF Trainer rounds up; changing it mid-run would shift every
+        later learning rate."""
+        recorded = self.state.warmup_steps
+        if recorded is None:  # a checkpoint of the version that rounded down
+            recorded = int(self.cfg.train.warmup_ratio * self.total_steps)
+        if recorded != self.warmup_steps:
+            log.info("keeping the checkpoint's %d warm-up steps (this version would plan %d)", recorded, self.warmup_steps)
+        self.schedule.warmup_steps = self.warmup_steps = self.state.warmup_steps = recorded
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -289,6 +315,7 @@ class Trainer:
                     "model.init_from=<run>/best."
                 )
             self.state.total_steps = self.total_steps
+            self._keep_checkpoint_warmup()
             self.ckpt.last_saved_step = info.step
             self._truncate_logs(self.state.global_step)
             log.info(

@@ -61,6 +61,10 @@ def test_round_trip_through_saved_yaml(tmp_path):
         ("data.padding=sideways", "data.padding must be"),
         ("hub.repo_id=noslash", "org/name"),
         ("train.lr", "is not KEY=VALUE"),
+        # A ZeroDivisionError after the first step; numpy's "expected non-negative integer" after loading.
+        ("train.log_every_steps=0", "train.log_every_steps must be >= 1"),
+        ("train.seed=-1", "train.seed must be >= 0"),
+        ("data.split_seed=-1", "data.split_seed must be >= 0"),
     ],
 )
 def test_bad_values_fail_with_a_message(override, message):

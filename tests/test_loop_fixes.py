@@ -40,6 +40,59 @@ def test_linear_schedule_is_exactly_hf_linear_with_warmup():
             assert ours.lr_lambdas[0](step) == pytest.approx(hf.lr_lambdas[0](step), abs=1e-12), (warmup, step)
 
 
+def test_warmup_is_rounded_up_as_the_hf_trainer_does(tmp_path):
+    """radtrain rounded the warm-up down (int): 22 steps x 0.1 gave 2 warm-up steps where the HF
+    Trainer (the series) gives 3, and a ratio under one step gave none."""
+    from transformers import TrainingArguments
+
+    from radtrain.trainer import warmup_steps_for
+
+    for ratio, total in ((0.1, 22), (0.1, 9), (0.06, 100), (0.0, 50), (0.05, 30), (0.5, 7)):
+        hf = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio).get_warmup_steps(total)
+        assert warmup_steps_for(ratio, total) == hf, (ratio, total)
+
+
+def test_a_resumed_run_keeps_the_warmup_its_checkpoint_was_trained_with(tmp_path):
+    """Checkpoints of the version that rounded the warm-up down resume with that warm-up: switching
+    to the rounded-up one mid-run would shift every later learning rate."""
+    import hashlib
+    import shutil
+
+    from radtrain.cli import main
+    from radtrain.trainer import LinearWarmupDecay
+
+    data = write_roco_slice(tmp_path / "roco.jsonl", 300)
+    run = tmp_path / "run"
+    args = ["classify", "--output-dir", str(run), f"data.source={data}", *TINY, "train.epochs=2",
+            "train.warmup_ratio=0.05", "train.log_every_steps=1", "train.save_every_steps=10",
+            "train.save_total_limit=10"]
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    total, lr = rows[-1]["step"], 1e-3
+    ceil_rule, floor_rule = LinearWarmupDecay(-(-total // 20), total), LinearWarmupDecay(total // 20, total)
+    assert ceil_rule.warmup_steps != floor_rule.warmup_steps  # the case where the rules differ
+    assert [r["lr"] for r in rows] == pytest.approx([lr * ceil_rule(r["step"]) for r in rows], abs=1e-12)
+
+    # The step-10 checkpoint as the old version wrote it: no warm-up recorded.
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    resume_at = next(p for p in checkpoints if p.name == "step-00000010")
+    for later in checkpoints:
+        if later != resume_at:
+            shutil.rmtree(later)
+    state_file = resume_at / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state.pop("warmup_steps")
+    state_file.write_text(json.dumps(state))
+    manifest = json.loads((resume_at / "COMPLETE").read_text())
+    manifest["sha256"]["trainer_state.json"] = hashlib.sha256(state_file.read_bytes()).hexdigest()
+    manifest["files"]["trainer_state.json"] = state_file.stat().st_size
+    (resume_at / "COMPLETE").write_text(json.dumps(manifest))
+    assert main(args) == 0
+    resumed = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    after = [r for r in resumed if r["step"] > 10]
+    assert after and [r["lr"] for r in after] == pytest.approx([lr * floor_rule(r["step"]) for r in after], abs=1e-12)
+
+
 def test_a_non_finite_metric_is_never_best():
     for metric in ("f1", "loss"):
         assert not is_better(metric, float("nan"), None)

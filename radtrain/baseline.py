@@ -183,8 +183,9 @@ def run_baseline(
     if features == "model" and not model:
         raise ConfigError("--features model needs --model NAME (Hub id, directory, best/ or scratch:tiny); "
                           "or use --features tfidf")
-    if c is not None:
-        check_c_values([float(v) for v in (c if isinstance(c, Sequence) else [c])])
+    c = DEFAULT_C[features] if c is None else c
+    candidates = [float(v) for v in (c if isinstance(c, Sequence) else [c])]
+    check_c_values(candidates)
     started = time.time()
     out_dir = Path(cfg.output_dir)
     check_baseline_dir(out_dir, baseline_identity(cfg, features, model))
@@ -211,9 +212,6 @@ def run_baseline(
 
     fixed = cfg.train.threshold
     t0 = time.time()
-    c = DEFAULT_C[features] if c is None else c
-    candidates = [float(v) for v in (c if isinstance(c, Sequence) else [c])]
-    check_c_values(candidates)
     c_scores: dict[str, float] = {}
     if len(candidates) > 1:
         for value in candidates:
@@ -295,7 +293,6 @@ def split_c_arguments(tokens: Sequence[str] | None) -> tuple[list[float] | None,
                 values.append(float(part))
             except ValueError:
                 raise ConfigError(f"--C: {part!r} is not a number (e.g. --C 1 10 100, or --C 1,10,100)") from None
-    check_c_values(values)
     return values, overrides
 
 

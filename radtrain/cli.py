@@ -92,7 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         for line in predict_lines(args.model, itertools.chain([first], texts), threshold=args.threshold,
                                   batch_size=args.batch_size):
-            print(line, flush=False)
+            print(line)
         sys.stdout.flush()
     except BrokenPipeError:  # `radtrain predict ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

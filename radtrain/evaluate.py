@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ from radtrain.config import ConfigError, RunConfig, load_config, parse_override
 from radtrain.data.labels import LabelSpace
 from radtrain.data.sources import load_file, load_splits
 from radtrain.export import LABELS_FILE, read_meta
-from radtrain.io import check_output_file, write_json
+from radtrain.io import check_output_file, read_json, write_json
 
 
 def export_config(meta: dict[str, Any], source: str | None, overrides: list[str] | None = None) -> RunConfig:
@@ -63,7 +62,7 @@ def evaluate_model(
             "name in full; pass the data to score with --data FILE"
         )
     label_space = LabelSpace.load(model_dir / LABELS_FILE)
-    outputs = len(_read_json(model_dir / "config.json").get("id2label") or {})
+    outputs = len(read_json(model_dir / "config.json").get("id2label") or {})
     if outputs and outputs != len(label_space):
         raise ConfigError(
             f"{model_dir}: labels.json lists {len(label_space)} CUIs but the model has {outputs} outputs; it is not this "
@@ -96,13 +95,6 @@ def evaluate_model(
             write_json(output, {"split": split, "data": captions.origin, "model": str(model_dir),
                                 "captions": len(tokenized), **metrics})
     return metrics
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from exc
 
 
 def _held_out_file(meta: dict[str, Any], source: str | None) -> bool:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from radtrain.config import ConfigError, check_repo_id, check_revision
+from radtrain.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,9 @@ def resolve_dirs(path: str | Path) -> tuple[Path, Path | None]:
     raise ConfigError(f"{path}: no such directory")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from exc
-
-
 def export_files(model_dir: Path) -> list[Path]:
     """The files of a classifier export to publish, after checking it is complete and coherent."""
-    meta = _read_json(model_dir / "radtrain.json") if (model_dir / "radtrain.json").is_file() else {}
+    meta = read_json(model_dir / "radtrain.json") if (model_dir / "radtrain.json").is_file() else {}
     missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         missing.append("tokenizer.json")
@@ -108,8 +102,8 @@ def export_files(model_dir: Path) -> list[Path]:
     )
     if not any(p.suffix == ".safetensors" for p in files):
         raise ConfigError(f"{model_dir}: no .safetensors weights; re-export with safe_serialization")
-    config = _read_json(model_dir / "config.json")
-    cuis = [row["cui"] for row in _read_json(model_dir / "labels.json").get("labels", [])]
+    config = read_json(model_dir / "config.json")
+    cuis = [row["cui"] for row in read_json(model_dir / "labels.json").get("labels", [])]
     id2label = config.get("id2label") or {}
     ordered = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
     if config.get("problem_type") != "multi_label_classification" or ordered != cuis:
@@ -407,9 +401,9 @@ def prepare(
         check_revision(revision, "revision")
     model_dir, run_dir = resolve_dirs(run_dir_or_model_dir)
     files = export_files(model_dir)
-    meta = _read_json(model_dir / "radtrain.json")
+    meta = read_json(model_dir / "radtrain.json")
     summary = (
-        _read_json(run_dir / "summary.json") if run_dir and (run_dir / "summary.json").is_file() else None
+        read_json(run_dir / "summary.json") if run_dir and (run_dir / "summary.json").is_file() else None
     )
     if summary and summary.get("best_step") is not None and summary.get("best_step") != meta.get("step"):
         raise ConfigError(
@@ -431,6 +425,20 @@ def prepare(
     return files, generated, message, model_dir, run_dir
 
 
+def push_command(
+    target: str | Path, repo_id: str, revision: str | None = None, private: bool = True, message: str | None = None
+) -> str:
+    """The `radtrain push` command line that publishes ``target`` later (shell-quoted)."""
+    command = f"radtrain push {shlex.quote(str(target))} --repo-id {shlex.quote(repo_id)}"
+    if revision:
+        command += f" --revision {shlex.quote(revision)}"
+    if not private:
+        command += " --public"
+    if message:
+        command += f" --message {shlex.quote(message)}"
+    return command
+
+
 def publish(
     run_dir_or_model_dir: str | Path,
     repo_id: str,
@@ -450,9 +458,7 @@ def publish(
     )
     tries = max(1, tries or MAX_TRIES)
     first_delay_s = FIRST_DELAY_S if first_delay_s is None else first_delay_s
-    again = f"radtrain push {shlex.quote(str(run_dir or model_dir))} --repo-id {shlex.quote(repo_id)}" + (
-        f" --revision {shlex.quote(revision)}" if revision else ""
-    )
+    again = push_command(run_dir or model_dir, repo_id, revision)
     hint = f"Nothing local was changed ({model_dir} is intact); publish later with `{again}`."
     api = api or make_api()
     log.info("hub: publishing %s (%d files) to %s", model_dir, len(files) + len(generated), repo_id)

@@ -50,6 +50,16 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Pa
     return write_text(path, json.dumps(data, indent=indent) + ("\n" if indent is not None else ""))
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file a command needs; unreadable or malformed is a ConfigError naming the file."""
+    from radtrain.config import ConfigError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from exc
+
+
 def check_output_file(path: str | os.PathLike, option: str) -> Path:
     """Check at start, before any work, that ``path`` can be written as a file (a command's
     --output/--json): a directory, or a parent that cannot be created or written, used to fail

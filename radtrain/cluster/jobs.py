@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -273,7 +272,10 @@ class SelectJob(Checkpointable):
         if self.hub.get("repo_id") and offline_env(self.env):
             # `offline: true`: this node has no internet, so a push could only fail (exit 3). The
             # selection is complete; the upload is one command on a node that reaches the Hub.
-            later = publish_command(run_dir, self.hub)
+            from radtrain.hub import push_command
+
+            later = push_command(run_dir, self.hub["repo_id"], self.hub.get("revision"), self.hub.get("private", True),
+                                 self.hub.get("commit_message"))
             result["publish_later"] = later
             write_json(root / SELECTION_FILE, result)
             print(f"[radtrain] select: offline job, not publishing from here; from a node with internet run: {later}",
@@ -301,17 +303,6 @@ def offline_env(env: dict[str, str] | None) -> bool:
     """Whether the job file turned the Hub off for its jobs (``offline: true``)."""
     value = (env or {}).get("HF_HUB_OFFLINE", "")
     return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def publish_command(run_dir: Path | str, hub: dict[str, Any]) -> str:
-    command = f"radtrain push {shlex.quote(str(run_dir))} --repo-id {shlex.quote(str(hub['repo_id']))}"
-    if hub.get("revision"):
-        command += f" --revision {shlex.quote(str(hub['revision']))}"
-    if hub.get("private") is False:
-        command += " --public"
-    if hub.get("commit_message"):
-        command += f" --message {shlex.quote(str(hub['commit_message']))}"
-    return command
 
 
 def _publish(run_dir: Path, hub: dict[str, Any]) -> str | None:

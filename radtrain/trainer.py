@@ -203,11 +203,11 @@ class Trainer:
             # away: compile the dynamic one at once.
             models.compile_in_place(model, dynamic=True if self.packing else None)
         optimizer = build_optimizer(model, cfg)
-        self.warmup_steps = warmup_steps_for(cfg.train.warmup_ratio, self.total_steps)
-        scheduler = linear_schedule(optimizer, self.warmup_steps, self.total_steps)
-        self.schedule = scheduler.lr_lambdas[0]
+        warmup = warmup_steps_for(cfg.train.warmup_ratio, self.total_steps)
+        scheduler = linear_schedule(optimizer, warmup, self.total_steps)
+        self.schedule = scheduler.lr_lambdas[0]  # its warm-up is the one place the run's warm-up lives
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        self.state = TrainerState(total_steps=self.total_steps, warmup_steps=self.warmup_steps)
+        self.state = TrainerState(total_steps=self.total_steps, warmup_steps=warmup)
         self.stop = StopFlag()
         self.stop_requested = False  # a stop signal seen by any rank, agreed at the last step
 
@@ -218,9 +218,10 @@ class Trainer:
         recorded = self.state.warmup_steps
         if recorded is None:  # a checkpoint of the version that rounded down
             recorded = int(self.cfg.train.warmup_ratio * self.total_steps)
-        if recorded != self.warmup_steps:
-            log.info("keeping the checkpoint's %d warm-up steps (this version would plan %d)", recorded, self.warmup_steps)
-        self.schedule.warmup_steps = self.warmup_steps = self.state.warmup_steps = recorded
+        if recorded != self.schedule.warmup_steps:
+            log.info("keeping the checkpoint's %d warm-up steps (this version would plan %d)",
+                     recorded, self.schedule.warmup_steps)
+        self.schedule.warmup_steps = self.state.warmup_steps = recorded
 
     # -- data ----------------------------------------------------------------------------------
 

@@ -99,8 +99,10 @@ class DataConfig:
     """How the captions of a packed row attend (same result either way): 'varlen' runs one varlen
     flash kernel over the row (flash-attn or PyTorch's own; CUDA, half precision); 'blocks'
     scatters the captions into a (captions x longest) block for SDPA and gathers them back (any
-    device; little padding when length buckets are on); 'auto' is varlen where a kernel exists,
-    else blocks. Only the attention differs: projections and MLPs run on real tokens either way."""
+    device; little padding when length buckets are on); 'flex' runs PyTorch's FlexAttention over
+    the row with a per-caption block mask (CUDA only; not yet measured on a GPU); 'auto' is varlen
+    where a kernel exists, else blocks. Only the attention differs: projections and MLPs run on
+    real tokens either way."""
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     cache_dir: str | None = None
@@ -129,8 +131,8 @@ class DataConfig:
             self.packing = "on" if self.packing else "off"
         _check(self.packing in ("auto", "on", "off"), f"data.packing must be auto, on or off, got {self.packing!r}")
         _check(
-            self.packed_attention in ("auto", "varlen", "blocks"),
-            f"data.packed_attention must be auto, varlen or blocks, got {self.packed_attention!r}",
+            self.packed_attention in ("auto", "varlen", "blocks", "flex"),
+            f"data.packed_attention must be auto, varlen, blocks or flex, got {self.packed_attention!r}",
         )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)

@@ -295,6 +295,16 @@ _compile_cache_set: str | None = None
 COMPILE_BACKEND_ENV = "RADTRAIN_COMPILE_BACKEND"
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Raise Dynamo's graphs-per-code-object limit (default 8), past which it silently runs eager:
+    radtrain's compiled regions see a bounded but larger set of shapes and layer kinds."""
+    from torch._dynamo import config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+
+
 def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> None:
     """torch.compile a model in place (``nn.Module.compile``: state_dict keys, checkpoints and
     exports unchanged).
@@ -317,11 +327,7 @@ def compile_in_place(model: torch.nn.Module, dynamic: bool | None) -> None:
     backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor").strip() or "inductor"
     layers = getattr(getattr(model, "model", None), "layers", None)
     if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-        from torch._dynamo import config as dynamo_config
-
-        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
-            if hasattr(dynamo_config, name):
-                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        allow_recompiles()
         for layer in layers:
             layer.compile(dynamic=dynamic, backend=backend)
         return

@@ -15,6 +15,12 @@ boundaries (``cu_seqlens``), so only the attention needs to know where captions 
   buckets), while the projections and MLPs still skip padding. On an H100 the varlen kernel's
   backward took 19% of a base step's GPU time for ROCO-length captions (docs/benchmarks.md),
   which is why this path is offered on CUDA too.
+- ``data.packed_attention=flex`` (CUDA): PyTorch's FlexAttention over the whole row with a
+  per-caption block mask (``document_block_mask``), so one kernel tile holds several short
+  captions where the varlen kernel gives each caption a tile of its own. The encoder's pre-hook
+  builds one mask for the global layers and one for the local ones per batch and hands them to
+  the layers as transformers' per-layer-type ``attention_mask``. Not measured on a GPU yet
+  (docs/benchmarks.md); PyTorch has no FlexAttention backward on a CPU, so it trains on CUDA only.
 
 With ``radtrain_varlen`` the attention modules also get a forward of radtrain's for packed rows
 (``PackedModernBertAttention``): the rotary embedding of queries and keys in one pass, bitwise
@@ -50,7 +56,10 @@ ATTN_NAME = "radtrain_varlen"
 PACKED_KEY = "cu_seqlens"
 # How many of a packed row's segments are captions; the rest are filler (batching.packed_length).
 CAPTIONS_KEY = "radtrain_captions"
-BLOCKS_FLAG = "_radtrain_blocks"  # set on attention modules by enable(attention="blocks")
+# data.packed_attention, set on each attention module by enable(): the attention reads it there.
+ATTENTION_ATTR = "_radtrain_packed_attention"
+# FlexAttention's mask granularity: 128 is its default block, which every kernel config supports.
+FLEX_BLOCK = 128
 # ModernBertModel skips building masks when given one per layer type; packed attention needs none.
 _NO_MASKS = {"full_attention": None, "sliding_attention": None}
 
@@ -113,7 +122,7 @@ def packed_attention(module, query, key, value, cu_seqlens, max_len: int, scalin
     PyTorch's varlen flash kernel where it runs (and the module is not set to blocks), else the
     exact block fallback."""
     kernel = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and torch_varlen_kernel()
-    if kernel and not getattr(module, BLOCKS_FLAG, False):
+    if kernel and getattr(module, ATTENTION_ATTR, "auto") != "blocks":
         from torch.nn.attention.varlen import varlen_attn
 
         window = (-1, -1)
@@ -125,6 +134,71 @@ def packed_attention(module, query, key, value, cu_seqlens, max_len: int, scalin
             scale=scaling, window_size=window,
         )
     return _padded_attention(query, key, value, cu_seqlens, max_len, scaling, sliding_window)
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, total: int, window: int | None = None, block: int = FLEX_BLOCK):
+    """FlexAttention ``BlockMask`` for a packed row of ``total`` tokens: token q attends to token k
+    iff both lie in the same segment of ``cu_seqlens`` (and ``|q - k| <= window`` for a local layer).
+
+    Built from ``cu_seqlens`` with tensor operations only (no read-back to the host, so the GPU
+    never waits for it): each ``block`` of queries spans segments ``doc[start]..doc[end]``; its
+    keys are the blocks covering those segments' tokens (narrowed by the window), listed in order.
+    Every listed block is "partial" (the mask is evaluated per element): captions much shorter
+    than a block rarely fill one."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = cu_seqlens.device
+    cu = cu_seqlens.long()
+    blocks = -(-total // block)
+    doc = torch.searchsorted(cu[1:], torch.arange(total, device=device), right=True)
+    starts = torch.arange(blocks, device=device) * block
+    ends = torch.clamp(starts + block, max=total) - 1
+    first, last = cu[doc[starts]], cu[doc[ends] + 1] - 1  # the keys these queries may see
+    if window is not None:
+        first, last = torch.maximum(first, starts - window), torch.minimum(last, ends + window)
+    first_block, last_block = first // block, last // block
+    count = (last_block - first_block + 1).int()
+    indices = torch.clamp(first_block[:, None] + torch.arange(blocks, device=device), max=blocks - 1).int()
+
+    if window is None:
+        def same_caption(b, h, q, k):
+            return doc[q] == doc[k]
+    else:
+        def same_caption(b, h, q, k):
+            return (doc[q] == doc[k]) & ((q - k).abs() <= window)
+
+    return BlockMask.from_kv_blocks(
+        count[None, None], indices[None, None], BLOCK_SIZE=block, mask_mod=same_caption, seq_lengths=(total, total)
+    )
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process: uncompiled, it evaluates the mask densely (the
+    whole T x T score matrix). Packed rows take a bounded set of lengths (``packed_length``), each
+    a graph until Dynamo makes the length dynamic; the recompile limit is raised to fit them."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from radtrain.models import allow_recompiles
+
+    allow_recompiles()
+    return torch.compile(flex_attention)
+
+
+def flex_packed_attention(query, key, value, block_mask, scaling) -> torch.Tensor:
+    """FlexAttention over a packed row: query/key/value (T, heads, head_dim) -> (T, heads, head_dim).
+    Inside a compiled region (``train.compile``) flex_attention is traced with the layer; in eager
+    mode on CUDA it runs through its own compiled wrapper. On a CPU (forward only: tests) it runs
+    eagerly, evaluating the mask densely."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = _compiled_flex() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
+
+    def heads_first(x):
+        return x.transpose(0, 1).unsqueeze(0)  # (1, heads, T, head_dim), a view
+
+    out = flex(heads_first(query), heads_first(key), heads_first(value), block_mask=block_mask, scale=scaling)
+    return out[0].transpose(0, 1)
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
@@ -192,10 +266,13 @@ def _packed_attention_class(base: type) -> type:
             qkv = self.Wqkv(hidden_states).view(total, 3, -1, self.head_dim)
             cos, sin = position_embeddings  # (1, T, head_dim) each
             query, key = rotary_qk(qkv, cos[0], sin[0])
-            out = packed_attention(
-                self, query, key, qkv[:, 2], cu_seqlens, int(kwargs["max_length_q"]), self.head_dim**-0.5,
-                self.sliding_window,
-            )
+            if attention_mask is not None:  # data.packed_attention=flex: this layer type's BlockMask
+                out = flex_packed_attention(query, key, qkv[:, 2], attention_mask, self.head_dim**-0.5)
+            else:
+                out = packed_attention(
+                    self, query, key, qkv[:, 2], cu_seqlens, int(kwargs["max_length_q"]), self.head_dim**-0.5,
+                    self.sliding_window,
+                )
             return self.out_drop(self.Wo(out.reshape(1, total, -1))), None
 
     PackedModernBertAttention.__name__ = PackedModernBertAttention.__qualname__ = base.__name__
@@ -235,11 +312,21 @@ def _encoder(model):
 
 
 def _packed_inputs(module, args, kwargs):
-    """Before the encoder's forward: no masks for packed rows, and the caption count (not an
+    """Before the encoder's forward: no masks for packed rows (or, for ``flex``, one BlockMask per
+    layer type, built once per batch and shared by the layers), and the caption count (not an
     argument transformers knows) kept on the module for the pooling hook."""
     module._radtrain_captions = kwargs.pop(CAPTIONS_KEY, None)
-    if kwargs.get("cu_seq_lens_q") is not None:
-        kwargs["attention_mask"] = dict(_NO_MASKS)
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None:
+        if getattr(module, ATTENTION_ATTR, "auto") == "flex":
+            total = (kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[1]
+            window = module.config.sliding_window  # ModernBERT's local layers: |q - k| <= sliding_window
+            kwargs["attention_mask"] = {
+                "full_attention": document_block_mask(cu_seqlens, total),
+                "sliding_attention": document_block_mask(cu_seqlens, total, window),
+            }
+        else:
+            kwargs["attention_mask"] = dict(_NO_MASKS)
     return args, kwargs
 
 
@@ -285,16 +372,41 @@ def _attention_dropout(model) -> float:
     return float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
 
 
+def check_before_start(packing_setting: str, attention: str, device: torch.device) -> None:
+    """What ``enable`` would refuse on this device, checked before the run reads data or writes."""
+    if packing_setting == "on" and attention == "flex":
+        _check_flex(device)
+
+
+def _check_flex(device: torch.device | None) -> None:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"data.packed_attention=flex needs PyTorch's FlexAttention (torch >= 2.5; this is {torch.__version__}); "
+            "use data.packed_attention=auto"
+        ) from exc
+    if device is not None and device.type != "cuda":
+        raise ConfigError(
+            f"data.packed_attention=flex trains on CUDA only (PyTorch has no FlexAttention backward on {device.type}); "
+            "use data.packed_attention=auto or blocks"
+        )
+
+
 def supports_packing(model) -> bool:
     return _encoder(model) is not None
 
 
-def enable(model, attn_implementation: str | None, mixed_precision: str = "no", attention: str = "auto") -> str:
+def enable(
+    model, attn_implementation: str | None, mixed_precision: str = "no", attention: str = "auto",
+    device: torch.device | None = None,
+) -> str:
     """Install the packing hooks and the attention that reads ``cu_seq_lens``; returns its name.
 
     ``attn_implementation`` is the user's model.attn_implementation (None: choose: flash-attn
     where installed and the step runs in half precision, which its kernels need); ``attention``
-    is data.packed_attention (validated with the config)."""
+    is data.packed_attention (validated with the config); ``device`` is where the model trains
+    (the trainer gives it: ``flex`` has no backward on a CPU; None for forward-only use)."""
     encoder = _encoder(model)
     if encoder is None:
         raise ConfigError(
@@ -305,11 +417,13 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
             f"data.packing=on cannot run with model.attn_implementation={attn_implementation!r} (it would let "
             "packed captions attend to each other); unset it, use flash_attention_2, or data.packing=off"
         )
-    if attention == "blocks" and attn_implementation == "flash_attention_2":
+    if attention in ("blocks", "flex") and attn_implementation == "flash_attention_2":
         raise ConfigError(
-            "data.packed_attention=blocks runs SDPA on caption blocks; it cannot use "
+            f"data.packed_attention={attention} runs radtrain's own attention; it cannot use "
             "model.attn_implementation=flash_attention_2 (unset it, or use data.packed_attention=varlen)"
         )
+    if attention == "flex":
+        _check_flex(device)
     half = mixed_precision in ("bf16", "fp16")
     if attention == "varlen" and not (torch.cuda.is_available() and half and (flash_attn_installed() or torch_varlen_kernel())):
         raise ConfigError(
@@ -318,7 +432,7 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
         )
     name = attn_implementation
     if name is None:
-        flash = torch.cuda.is_available() and half and flash_attn_installed() and attention != "blocks"
+        flash = torch.cuda.is_available() and half and flash_attn_installed() and attention in ("auto", "varlen")
         name = "flash_attention_2" if flash else ATTN_NAME
     if name == ATTN_NAME and _attention_dropout(model):
         raise ConfigError(
@@ -329,17 +443,23 @@ def enable(model, attn_implementation: str | None, mixed_precision: str = "no", 
     if name == ATTN_NAME:
         register()
     flagged = stock = 0
+    setattr(encoder, ATTENTION_ATTR, attention)  # its pre-hook builds flex's masks
     for module in encoder.modules():  # the attention function reads the choice from its module
         if type(module).__name__ == "ModernBertAttention":
-            setattr(module, BLOCKS_FLAG, attention == "blocks")
+            setattr(module, ATTENTION_ATTR, attention)
             if name == ATTN_NAME and not _give_packed_forward(module):
                 stock += 1
             flagged += 1
+    if stock and attention == "flex":  # transformers' forward would hand the BlockMask to SDPA
+        raise ConfigError(
+            f"data.packed_attention=flex: {stock} ModernBertAttention modules of this transformers version lack a "
+            f"part of {_ATTENTION_PARTS} that radtrain's packed forward uses; use data.packed_attention=auto"
+        )
     if stock:
         log.warning("%d ModernBertAttention modules lack a part of %s: they pack with transformers' own "
                     "forward (exact, more kernels per step)", stock, _ATTENTION_PARTS)
-    if attention == "blocks" and flagged == 0:  # a renamed class would silently run the varlen kernel
-        raise ConfigError(f"data.packed_attention=blocks: no ModernBertAttention module in {type(model).__name__}")
+    if attention in ("blocks", "flex") and flagged == 0:  # a renamed class would silently run the varlen kernel
+        raise ConfigError(f"data.packed_attention={attention}: no ModernBertAttention module in {type(model).__name__}")
     if getattr(model.config, "_attn_implementation", None) != name:
         model.set_attn_implementation(name)
     if not getattr(encoder, "_radtrain_packing", False):

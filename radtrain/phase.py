@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radtrain import models
+from radtrain import models, packing
 from radtrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_layout, recorded_task
 from radtrain.config import PHASES, ConfigError, RunConfig, config_differences, read_saved_config
 from radtrain.data.labels import LabelSpace, load_name_mapping
@@ -308,6 +308,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     )
     setup_logging(accelerator.is_main_process)
     configure_cuda()
+    packing.check_before_start(cfg.data.packing, cfg.data.packed_attention, accelerator.device)
     run_dir = Path(cfg.output_dir)
     check_run_dir(cfg, phase, accelerator.num_processes, checkpoint_layout(accelerator))
     if accelerator.is_main_process:

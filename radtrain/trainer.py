@@ -193,7 +193,10 @@ class Trainer:
             cfg.data.packing, model, accelerator.device, accelerator.mixed_precision, cfg.model.attn_implementation
         )
         if self.packing:
-            packing.enable(model, cfg.model.attn_implementation, accelerator.mixed_precision, cfg.data.packed_attention)
+            packing.enable(
+                model, cfg.model.attn_implementation, accelerator.mixed_precision, cfg.data.packed_attention,
+                device=accelerator.device,
+            )
         self.attention = getattr(model.config, "_attn_implementation", None)
         if cfg.train.compile:
             cache = models.use_compile_cache(cache_root(cfg.data.cache_dir) / "inductor")

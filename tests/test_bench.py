@@ -253,7 +253,7 @@ def test_fast_path_computes_the_seed_loss(captions, tmp_path):
     # The attention reads the choice from its module: every attention module must carry it.
     for name, blocks in (("packed", False), ("packed_blocks", True)):
         attention = [m for m in trainers[name].model.modules() if type(m).__name__ == "ModernBertAttention"]
-        assert attention and all(getattr(m, packing.BLOCKS_FLAG) is blocks for m in attention), name
+        assert attention and all((getattr(m, packing.ATTENTION_ATTR) == "blocks") is blocks for m in attention), name
     split = trainers["seed"].train_split
     short = np.argsort(split.lengths, kind="stable")[10:18]
     for picks in (_mixed_batch(split), short):

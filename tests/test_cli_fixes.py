@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from conftest import PYTHON, REPO, TINY, subprocess_env, write_roco_slice
 
 from radtrain.cli import main
@@ -51,6 +52,19 @@ def test_init_from_checked_before_the_data_is_loaded(tmp_path, capsys):
     ])
     assert code == 2
     assert "model.init_from" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flex trains on CUDA")
+def test_flex_attention_on_a_cpu_is_refused_before_anything_is_read_or_written(tmp_path, capsys):
+    """data.packed_attention=flex has no backward on a CPU: refused at start, naming the fix,
+    before the (here missing) data is read and before the run directory exists."""
+    code = main([
+        "classify", "--output-dir", str(tmp_path / "run"), "data.source=./no-such-data.jsonl",
+        "model.name=scratch:tiny", "data.packing=on", "data.packed_attention=flex",
+    ])
+    assert code == 2
+    assert "data.packed_attention=flex trains on CUDA only" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_num_workers_is_gone_but_old_saved_configs_load():

@@ -200,29 +200,16 @@ def test_filler_takes_no_mlm_label():
     assert batch["cu_seqlens"].numel() == len(LENGTHS) + 1  # pack() without a multiple: exact
 
 
-def _attention_probe():
-    """tests/gpu/attention_probe.py (a script, not a package module) loaded by its path."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent / "gpu" / "attention_probe.py"
-    spec = importlib.util.spec_from_file_location("attention_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("block", [128, 64])
 @pytest.mark.parametrize("window", [None, 64])
 def test_flex_document_mask_is_per_caption_attention(block, window):
-    """The block-diagonal FlexAttention mask the GPU probe measures: its element mask computes
+    """The block-diagonal FlexAttention mask of data.packed_attention=flex: its element mask computes
     exactly radtrain's per-caption attention (forward only: FlexAttention has no CPU backward, and
     eager FlexAttention evaluates the element mask densely), and its block lists, which only the
     GPU kernel reads, name every block holding an allowed pair (exactly those without a window).
     Captions longer than a mask block and than ModernBERT's local window exercise both."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    probe = _attention_probe()
     lengths = torch.tensor([3, 200, 17, 90, 1, 64, 129, 40, 5, 77])
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
     torch.cumsum(lengths, 0, out=cu[1:])
@@ -230,7 +217,7 @@ def test_flex_document_mask_is_per_caption_attention(block, window):
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(total, 2, 16, generator=generator) for _ in range(3))
     expected = packing._padded_attention(q, k, v, cu, int(lengths.max()), 0.25, None if window is None else window + 1)
-    mask = probe.document_block_mask(cu, total, window, block)
+    mask = packing.document_block_mask(cu, total, window, block)
 
     def heads_first(x):
         return x.transpose(0, 1).unsqueeze(0)
@@ -245,3 +232,84 @@ def test_flex_document_mask_is_per_caption_attention(block, window):
     assert not (needed & ~listed).any(), "a block with an allowed (query, key) pair is not listed"
     if window is None:
         assert torch.equal(listed, needed)
+
+
+def _attention_masks_seen(model) -> list:
+    """The attention_mask each attention module is called with (a BlockMask per layer type for flex)."""
+    seen = []
+    for module in model.modules():
+        if type(module).__name__ == "ModernBertAttention":
+            module.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_flex_packed_forward_matches_block_attention(pooling):
+    """data.packed_attention=flex computes what the exact block attention computes, global and local
+    layers alike (a 150-token caption is longer than the local window of 128), filler included.
+    Forward only: PyTorch has no FlexAttention backward on a CPU (the GPU check is below)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch = _packed_batch(pad_to_multiple_of=8)
+    logits = {}
+    for attention in ("flex", "blocks"):
+        model = _model()
+        model.config.classifier_pooling = pooling
+        packing.enable(model, None, "no", attention)
+        seen = _attention_masks_seen(model)
+        with torch.no_grad():
+            logits[attention] = model(**packing.model_inputs(batch)).logits
+        if attention == "flex":  # one mask per layer type, built once per batch and shared by the layers
+            assert len(seen) == 4 and all(isinstance(m, BlockMask) for m in seen)
+            assert seen[0] is seen[3] and seen[1] is seen[2] and seen[0] is not seen[1]  # global, local, local, global
+        else:
+            assert seen == [None] * 4
+    assert logits["flex"].shape == (len(LENGTHS), 11)
+    torch.testing.assert_close(logits["flex"], logits["blocks"], rtol=1e-5, atol=1e-5)
+
+
+def test_flex_masks_pass_into_layers_compiled_with_dynamic_lengths(monkeypatch):
+    """train.compile with flex: Dynamo takes the BlockMasks (and their mask functions' captured
+    tensors) as inputs of the compiled layers, and rows of two lengths compute what the block
+    attention computes. aot_eager on a CPU (forward only): torch 2.13's Inductor CPU template for
+    FlexAttention does not build with dynamic shapes, and a CPU cannot train flex anyway; a GPU
+    compiles it with Triton (tests/gpu/bench_gpu.sh, step flex)."""
+    from radtrain import models
+
+    monkeypatch.setenv(models.COMPILE_BACKEND_ENV, "aot_eager")
+    flex, blocks = _model(), _model()
+    packing.enable(flex, None, "no", "flex")
+    packing.enable(blocks, None, "no", "blocks")
+    models.compile_in_place(flex, dynamic=True)
+    for multiple in (8, 64):  # two row lengths: 352 and 384 tokens
+        batch = _packed_batch(pad_to_multiple_of=multiple)
+        with torch.no_grad():
+            got, want = (m(**packing.model_inputs(batch)).logits for m in (flex, blocks))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_is_refused_where_it_cannot_train():
+    from radtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="packed_attention=flex trains on CUDA only"):
+        packing.enable(_model(), None, "no", "flex", device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="cannot use model.attn_implementation=flash_attention_2"):
+        packing.enable(_model(), "flash_attention_2", "bf16", "flex")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_flex_step_matches_block_attention():
+    """On a GPU, in bf16 autocast, a packed step with FlexAttention (compiled, per-caption block
+    masks) gives the block attention's logits and gradients to bf16 accuracy."""
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _packed_batch(8).items()}
+    results = {}
+    for attention in ("flex", "blocks"):
+        model = _model().cuda()
+        packing.enable(model, None, "bf16", attention, device=torch.device("cuda"))
+        results[attention] = _step(model, batch, torch.bfloat16)
+    (logits, grads), (ref_logits, ref_grads) = results["flex"], results["blocks"]
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=2e-2, atol=2e-2)
+    for name, grad in ref_grads.items():
+        error = float((grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12))
+        assert error < 2e-2, (name, error)

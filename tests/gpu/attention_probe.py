@@ -12,7 +12,7 @@ packed row of real caption lengths (the scratch BPE radtrain trains, ``--batch``
 
 - ``varlen``: PyTorch's varlen flash kernel (what packed training runs now; CUDA, bf16);
 - ``blocks``: radtrain's exact fallback (captions scattered into a padded block for SDPA);
-- ``flex128`` / ``flex64``: ``flex_attention`` compiled, with ``document_block_mask`` below at
+- ``flex128`` / ``flex64``: ``flex_attention`` compiled, with ``radtrain.packing.document_block_mask`` at
   128- or 64-token mask blocks (the block structure is built on the device from ``cu_seqlens``
   with no host read-back);
 
@@ -29,46 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
-
-
-def document_block_mask(cu_seqlens, total: int, window: int | None = None, block: int = 128):
-    """FlexAttention ``BlockMask`` for a packed row: token q attends to token k iff both lie in the
-    same segment of ``cu_seqlens`` (and ``|q - k| <= window`` for a local layer).
-
-    Built from ``cu_seqlens`` with tensor operations only (no read-back to the host, so the GPU
-    never waits for it): each ``block`` of queries spans segments ``doc[start]..doc[end]``; its
-    keys are the blocks covering those segments' tokens (narrowed by the window), listed in order.
-    Every listed block is "partial" (the mask is evaluated per element): captions much shorter
-    than a block rarely fill one."""
-    import torch
-    from torch.nn.attention.flex_attention import BlockMask
-
-    device = cu_seqlens.device
-    cu = cu_seqlens.long()
-    blocks = math.ceil(total / block)
-    doc = torch.searchsorted(cu[1:], torch.arange(total, device=device), right=True)
-    starts = torch.arange(blocks, device=device) * block
-    ends = torch.clamp(starts + block, max=total) - 1
-    first, last = cu[doc[starts]], cu[doc[ends] + 1] - 1  # the keys these queries may see
-    if window is not None:
-        first, last = torch.maximum(first, starts - window), torch.minimum(last, ends + window)
-    first_block, last_block = first // block, last // block
-    count = (last_block - first_block + 1).int()
-    indices = torch.clamp(first_block[:, None] + torch.arange(blocks, device=device), max=blocks - 1).int()
-
-    if window is None:
-        def same_caption(b, h, q, k):
-            return doc[q] == doc[k]
-    else:
-        def same_caption(b, h, q, k):
-            return (doc[q] == doc[k]) & ((q - k).abs() <= window)
-
-    return BlockMask.from_kv_blocks(
-        count[None, None], indices[None, None], BLOCK_SIZE=block, mask_mod=same_caption, seq_lengths=(total, total)
-    )
 
 
 def caption_lengths(data: str, max_length: int = 256) -> list[int]:
@@ -151,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def mask_for(name, window, cu, total):
         block = kernels[name][1]
-        return document_block_mask(cu, total, window, block) if block else None
+        return packing.document_block_mask(cu, total, window, block) if block else None
 
     def call(name, window, tensors, cu, total, longest, mask):
         fn = kernels[name][0]
@@ -214,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 if kernels[name][1]:
                     t0 = time.perf_counter()
                     for _ in range(10):
-                        document_block_mask(cu, total, window, kernels[name][1])
+                        packing.document_block_mask(cu, total, window, kernels[name][1])
                     sync()
                     row["mask_build_ms"] = round((time.perf_counter() - t0) * 100, 3)
                 if (reference, layer) in results:

@@ -11,7 +11,8 @@
 # so a lease that runs short still returns what was measured:
 #   versions        card, driver, torch/CUDA, transformers, accelerate, deepspeed, flash-attn
 #   maths           the CUDA tests: packed batches (varlen and blocks) = the padded batch in bf16;
-#                   radtrain's packed attention forward = transformers' on the varlen kernel
+#                   radtrain's packed attention forward = transformers' on the varlen kernel;
+#                   FlexAttention's packed step = the block attention's
 #   compile_time    cold start and step time, eager vs compiled layer by layer (batch 512, base),
 #                   and the warm start from a filled Inductor cache
 #   compile         `radtrain bench`, base: seed, batch 512 eager vs compiled, batch 128 compiled,
@@ -19,6 +20,8 @@
 #   attention       one attention call (fwd + bwd, base shape, batch 512 of real lengths): the varlen
 #                   kernel vs block attention vs FlexAttention with a per-caption block mask
 #                   (several captions per tile: the base MFU floor), compile and mask-build times
+#   flex            `radtrain bench`, base, batch 512: data.packed_attention=flex (FlexAttention with
+#                   per-caption block masks) against the varlen kernel, eager and compiled
 #   packed_forward  radtrain's packed attention forward vs transformers' (base, batch 512)
 #   cls_base        base: seed, fast, batch 512 packed with the varlen kernel and with block
 #                   attention (a preset that runs out of memory is reported as such; the others
@@ -110,6 +113,11 @@ step compile 150 bench compile --model "$BASE" --steps "$STEPS" --warmup 3 --rou
   --variant b512_exact:train.batch_size=512,data.pad_to_multiple_of=1
 # Is an attention with several captions per tile faster than the varlen kernel (the base floor)?
 step attention 150 "$PY" tests/gpu/attention_probe.py --data "$DATA" --batch "$ATTN_BATCH" --json "$WORK/attention.json"
+# The same question in a whole training step: data.packed_attention=flex against the varlen kernel.
+F=data.packed_attention=flex
+step flex 150 bench flex --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets "" \
+  --variant b512:train.batch_size=512 --variant b512_flex:train.batch_size=512,$F \
+  --variant b512_flex_compiled:train.batch_size=512,$F,train.compile=true
 # radtrain's packed attention forward against transformers' own (same batches, same weights).
 step packed_forward 90 "$PY" tests/gpu/packed_forward.py --data "$DATA" --model "$BASE" --steps "$STEPS" \
   --json "$WORK/packed_forward.json" train.batch_size=512 data.min_label_count=10

@@ -91,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Streamed: one line per text as its chunk is scored, whatever the input's size.
     try:
         for line in predict_lines(args.model, itertools.chain([first], texts), threshold=args.threshold,
-                                  batch_size=args.batch_size):
+                                  batch_size=args.batch_size, precision=args.precision):
             print(line)
         sys.stdout.flush()
     except BrokenPipeError:  # `radtrain predict ... | head`: the reader has all it wanted
@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--text-column", help="the --input field holding the text (default: the one the model was trained on)")
     pr.add_argument("--batch-size", type=positive_int, default=32)
+    pr.add_argument(
+        "--precision", choices=("fp32", "bf16"),
+        help="default: the precision the run evaluated in and tuned its thresholds on (its radtrain.json)",
+    )
     pr.add_argument("texts", nargs="*")
     pr.set_defaults(func=cmd_predict)
 

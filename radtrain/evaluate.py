@@ -62,11 +62,18 @@ def evaluate_model(
             "name in full; pass the data to score with --data FILE"
         )
     label_space = LabelSpace.load(model_dir / LABELS_FILE)
-    outputs = len(read_json(model_dir / "config.json").get("id2label") or {})
-    if outputs and outputs != len(label_space):
+    id2label = read_json(model_dir / "config.json").get("id2label") or {}
+    outputs = [id2label.get(str(i)) for i in range(len(id2label))]
+    if outputs and outputs != label_space.cuis:
+        differs = (
+            f"lists {len(label_space)} CUIs but the model has {len(outputs)} outputs"
+            if len(outputs) != len(label_space)
+            else "orders the CUIs otherwise than the model's outputs (config.json id2label), first at output "
+            f"{next(i for i, (a, b) in enumerate(zip(outputs, label_space.cuis, strict=True)) if a != b)}"
+        )
         raise ConfigError(
-            f"{model_dir}: labels.json lists {len(label_space)} CUIs but the model has {outputs} outputs; it is not this "
-            "model's label file (copy labels.json from the run's best/)"
+            f"{model_dir}: labels.json {differs}; it is not this model's label file (copy labels.json from the "
+            "run's best/)"
         )
     cfg = export_config(meta, source, overrides)
     held_out = _held_out_file(meta, source)

@@ -188,8 +188,13 @@ def _public_config(run_dir: Path | None) -> str | None:
     return yaml.safe_dump(cfg, sort_keys=False).strip()
 
 
-def _usage(repo_id: str, revision: str | None, max_length: int) -> str:
+def _usage(repo_id: str, revision: str | None, max_length: int, precision: str = "no") -> str:
     rev = f', revision="{revision}"' if revision and revision != "main" else ""
+    bf16 = (
+        "# The run evaluated and tuned its thresholds under bf16 autocast: for its exact decisions, call the\n"
+        '# classifier inside `with torch.autocast("cuda", dtype=torch.bfloat16):` (radtrain predict does).\n'
+        if precision == "bf16" else ""
+    )
     return f'''```python
 import json
 
@@ -202,7 +207,7 @@ thresholds = json.load(open(hf_hub_download(repo, "thresholds.json"{rev})))
 per_label = thresholds.get("per_label") or {{}}
 
 texts = ["Axial CT of the abdomen showing a large hepatic cyst."]
-# Truncated as in training (radtrain predict does the same); a longer text would change the scores.
+{bf16}# Truncated as in training (radtrain predict does the same); a longer text would change the scores.
 for scores in classifier(texts, truncation=True, max_length={max_length}):  # one list of {{"label": CUI, "score": probability}} per text
     predicted = [s for s in scores if s["score"] >= per_label.get(s["label"], thresholds["global"])]
     top = max(scores, key=lambda s: s["score"])
@@ -329,7 +334,7 @@ def build_card(
         "## Usage\n",
         "The model is a standard `transformers` sequence classifier; use sigmoid scores (multi-label), not "
         "softmax, and apply the published thresholds:\n",
-        _usage(repo_id, revision, int((meta.get("data") or {}).get("max_length") or 256)),
+        _usage(repo_id, revision, int((meta.get("data") or {}).get("max_length") or 256), str(meta.get("precision"))),
         "The repository is private by default: log in first (`hf auth login`) or set `HF_TOKEN`. "
         'With radtrain installed, `radtrain predict --model <downloaded snapshot> "text"` applies the '
         "same thresholds and label names.\n",

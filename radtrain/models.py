@@ -219,7 +219,8 @@ def build_classifier(cfg: ModelConfig, tokenizer, cuis: list[str], seed: int) ->
         if cfg.attn_implementation:
             config._attn_implementation = cfg.attn_implementation
         return ModernBertForSequenceClassification(config)
-    return _from_pretrained(
+    trained_labels = _classifier_labels(cfg)
+    model = _from_pretrained(
         AutoModelForSequenceClassification,
         source,
         cfg,
@@ -227,10 +228,42 @@ def build_classifier(cfg: ModelConfig, tokenizer, cuis: list[str], seed: int) ->
         id2label=id2label,
         label2id=label2id,
         problem_type="multi_label_classification",
-        # A previous classifier (other labels) or an MLM export: the head is always new.
+        # An MLM export, or a classifier of another label count: transformers starts a new head.
         ignore_mismatched_sizes=True,
         **extra,
     )
+    if trained_labels == cuis:
+        log.info("%s: a classifier of the same %d CUIs in the same order; its head is kept", source, len(cuis))
+    elif trained_labels is not None and len(trained_labels) == len(cuis):
+        # Same shape, other CUIs: transformers would load the head as it is, each row under
+        # another CUI. A new head, as for any other label space.
+        _new_head(model)
+        log.info("%s: a classifier of %d other CUIs (or another order); its head is replaced by a new one",
+                 source, len(trained_labels))
+    return model
+
+
+def _classifier_labels(cfg: ModelConfig) -> list[str] | None:
+    """The CUIs (in output order) of the sequence classifier the weights come from; None for
+    anything else (an MLM export, a base checkpoint)."""
+    config = source_config(cfg)
+    if not any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        return None
+    id2label = getattr(config, "id2label", None) or {}
+    return [id2label[i] for i in range(len(id2label))]
+
+
+def _new_head(model) -> None:
+    """Initialise the classification head as transformers initialises a new one. Loaded weights
+    are flagged so that transformers' init functions leave them alone; the head's flags are
+    cleared first. ModernBERT initialises its classifier from the top module (a scale of its
+    own), other architectures per Linear."""
+    head = getattr(model, "classifier", None) or getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise ConfigError(f"cannot find the classification head of {type(model).__name__} to start it anew")
+    for param in head.parameters():
+        param._is_hf_initialized = False
+    model._init_weights(model if type(model).__name__ == "ModernBertForSequenceClassification" else head)
 
 
 def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs) -> torch.nn.Module:

@@ -6,6 +6,7 @@ source -> splits -> label space -> tokenizer -> tokenized splits -> task + model
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -275,6 +276,52 @@ def _source_for_meta(source: str) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
+SPLIT_KEYS = ("validation_fraction", "test_fraction", "split_seed", "max_train_samples", "text_column")
+
+
+def warn_if_init_trained_on_held_out(cfg: RunConfig, splits: dict[str, Split]) -> None:
+    """model.init_from's run (an MLM phase, an earlier classifier) trained on the same data cut
+    another way: some of this run's validation and test captions were its training captions, so
+    their scores are optimistic. Counted by re-creating that run's training split from its
+    radtrain.json (ids where the data has them, else texts); the run's own splits are kept."""
+    if not cfg.model.init_from or not Path(cfg.model.init_from).is_dir():
+        return  # a Hub model: its training data is not known here
+    from radtrain.export import read_meta
+
+    data = read_meta(cfg.model.init_from).get("data") or {}
+    if data.get("source") != _source_for_meta(cfg.data.source):
+        return
+    if all(data.get(key) == getattr(cfg.data, key) for key in SPLIT_KEYS):
+        return  # cut the same way: its training split is this run's
+    theirs = dataclasses.replace(cfg.data, **{k: data[k] for k in SPLIT_KEYS if k in data})
+    quiet = logging.getLogger("radtrain.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its data warnings were this run's, just now
+    try:
+        their_train = load_splits(theirs, need_labels=False)["train"]
+    except Exception as exc:  # a warning's check must never stop the run
+        log.debug("could not re-create %s's training split: %s", cfg.model.init_from, exc)
+        return
+    finally:
+        quiet.setLevel(level)
+    use_ids = bool(their_train.ids) and all(bool(splits[n].ids) for n in ("validation", "test") if n in splits)
+    seen = set(their_train.ids if use_ids else their_train.texts)
+    differing = ", ".join(
+        f"data.{k}={data.get(k)!r} there, {getattr(cfg.data, k)!r} here"
+        for k in SPLIT_KEYS if data.get(k) != getattr(cfg.data, k)
+    )
+    for name in ("validation", "test"):
+        if name not in splits:
+            continue
+        shared = sum(1 for key in (splits[name].ids if use_ids else splits[name].texts) if key in seen)
+        if shared:
+            log.warning(
+                "%d of the %d %s captions were training captions of model.init_from=%s (%s): the %s scores are "
+                "optimistic. Cut the data as that run did (the same data.* split settings)",
+                shared, len(splits[name]), name, cfg.model.init_from, differing, name,
+            )
+
+
 def _metric_check(cfg: RunConfig, phase: str) -> None:
     from radtrain.metrics import METRIC_NAMES
 
@@ -318,6 +365,8 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     accelerator.wait_for_everyone()
 
     splits = load_splits(cfg.data, need_labels=phase == "classify")
+    if accelerator.is_main_process:
+        warn_if_init_trained_on_held_out(cfg, splits)
     label_space = None
     if phase == "classify":
         label_space = fit_label_space(cfg, splits)

@@ -35,7 +35,14 @@ def check_export(model_dir: Path) -> None:
 
 
 class Predictor:
-    def __init__(self, model_dir: str | Path, device: str | None = None, threshold: float | None = None):
+    """``precision`` (``no``/``fp32`` or ``bf16``) defaults to the precision the run evaluated in
+    (its radtrain.json): a GPU run evaluates, and tunes its thresholds, under bf16 autocast, and
+    fp32 probabilities would differ enough to move decisions near a threshold."""
+
+    def __init__(
+        self, model_dir: str | Path, device: str | None = None, threshold: float | None = None,
+        precision: str | None = None,
+    ):
         from radtrain.models import load_tokenizer
         from radtrain.phase import load_export_classifier
 
@@ -58,7 +65,11 @@ class Predictor:
         self.thresholds = threshold_vector(thresholds, self.cuis)
         # 'Always emit the top label' is part of the export's tuned rule.
         self.top1 = bool(thresholds.get("top1"))
-        self.max_length = int(read_meta(self.model_dir).get("data", {}).get("max_length", 256))
+        meta = read_meta(self.model_dir)
+        self.max_length = int(meta.get("data", {}).get("max_length", 256))
+        self.precision = {"fp32": "no"}.get(precision or "", precision) or meta.get("precision") or "no"
+        if self.precision not in ("no", "bf16"):
+            raise ConfigError(f"precision {self.precision!r}: use fp32 or bf16")
 
     @torch.no_grad()
     def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -69,7 +80,8 @@ class Predictor:
                 [text.strip() for text in texts[start : start + batch_size]], truncation=True, max_length=self.max_length,
                 padding=True, return_tensors="pt",
             ).to(self.device)
-            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             out.append(torch.sigmoid(logits.float()).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.cuis)), dtype=np.float32)
 
@@ -171,10 +183,10 @@ PREDICT_CHUNK = 1024
 
 
 def predict_lines(model_dir: str | Path, texts: Iterable[str], threshold: float | None = None,
-                  batch_size: int = 32) -> Iterator[str]:
+                  batch_size: int = 32, precision: str | None = None) -> Iterator[str]:
     iterator = iter(texts)
     chunk = list(itertools.islice(iterator, PREDICT_CHUNK))  # bad input in it fails before the model loads
-    predictor = Predictor(model_dir, threshold=threshold)
+    predictor = Predictor(model_dir, threshold=threshold, precision=precision)
     while chunk:
         for text, result in zip(chunk, predictor.predict(chunk, batch_size), strict=True):
             yield json.dumps({"text": text, **result}, ensure_ascii=False)

@@ -215,6 +215,14 @@ def test_evaluate_refuses_what_it_would_ignore_or_fail_on_late(capped_run, tmp_p
     (published / "labels.json").write_text(json.dumps(labels))
     assert main(["evaluate", "--model", str(published), "--data", str(held_out)]) == 2
     assert "outputs" in capsys.readouterr().err
+    # Session 8 review: the same count in another order scored every label against another CUI's targets.
+    labels = json.loads((best / "labels.json").read_text())
+    labels["labels"] = labels["labels"][1:2] + labels["labels"][:1] + labels["labels"][2:]
+    (published / "labels.json").write_text(json.dumps(labels))
+    assert main(["evaluate", "--model", str(published), "--data", str(held_out)]) == 2
+    assert "orders the CUIs otherwise than the model's outputs (config.json id2label), first at output 0" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_failed_push_keeps_the_selection_record(capped_run, tmp_path, monkeypatch):
@@ -296,11 +304,32 @@ def test_evaluate_uses_the_precision_the_run_evaluated_in(capped_run, tmp_path, 
     (best / "radtrain.json").write_text(json.dumps({**meta, "precision": "bf16"}))  # as a GPU run writes it
     # A process of its own: accelerate's precision is fixed once per process.
     done = subprocess.run(
-        [PYTHON, "-m", "radtrain", "evaluate", "--model", str(best)], capture_output=True, text=True, timeout=300,
-        env=subprocess_env(RADTRAIN_CACHE=str(capped_run / "cache")),
+        [PYTHON, "-m", "radtrain", "evaluate", "--model", str(best), "--output", str(tmp_path / "bf16.json")],
+        capture_output=True, text=True, timeout=300, env=subprocess_env(RADTRAIN_CACHE=str(capped_run / "cache")),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bf16 as the run evaluated" in done.stdout
+    # Session 8 review: predict ran in fp32 whatever the export's precision, so its decisions were
+    # not evaluate's (nor those the thresholds were tuned on). It now takes the export's precision.
+    from radtrain.data.labels import LabelSpace
+    from radtrain.evaluate import export_config
+    from radtrain.metrics import multilabel_metrics
+    from radtrain.predict import Predictor
+    from radtrain.thresholds import apply_thresholds
+
+    monkeypatch.chdir(capped_run)  # the run's relative data.source
+    test = load_splits(export_config(json.loads((best / "radtrain.json").read_text()), None).data)["test"]
+    labels = LabelSpace.load(best / "labels.json")
+    evaluated = json.loads((tmp_path / "bf16.json").read_text())
+    predictor, fp32 = Predictor(best, device="cpu"), Predictor(best, device="cpu", precision="fp32")
+    assert predictor.precision == "bf16"
+    probs = predictor.probabilities(test.texts, batch_size=7)
+    assert not np.allclose(probs, fp32.probabilities(test.texts, batch_size=7), atol=1e-4)  # the gap was real
+    decided = apply_thresholds(probs, predictor.thresholds, predictor.top1)
+    got = multilabel_metrics(labels.encode(test.labels), decided, labels.count_outside(test.labels))
+    suffix = "_tuned" if "f1_tuned" in evaluated else ""
+    for key, value in got.items():
+        assert value == pytest.approx(evaluated[f"{key}{suffix}"], abs=1e-9), key
 
 
 def test_predict_reads_csv_input_as_training_does_and_strips_texts(capped_run, tmp_path, capsys):

@@ -1,0 +1,106 @@
+"""Starting a classifier from earlier weights (model.init_from): what is kept, what starts anew."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import ModernBertConfig, ModernBertForMaskedLM, ModernBertForSequenceClassification
+
+from radtrain.config import ModelConfig
+from radtrain.models import build_classifier
+
+CUIS = [f"C{i:07d}" for i in range(6)]
+
+
+def _config(**extra) -> ModernBertConfig:
+    return ModernBertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+        sep_token_id=2, **extra,
+    )
+
+
+def _saved_classifier(path, cuis):
+    torch.manual_seed(0)
+    model = ModernBertForSequenceClassification(_config(
+        num_labels=len(cuis), id2label=dict(enumerate(cuis)), label2id={c: i for i, c in enumerate(cuis)},
+    ))
+    with torch.no_grad():  # a trained head, far from any fresh initialisation
+        model.classifier.weight.fill_(0.5)
+        model.classifier.bias.fill_(-1.0)
+    model.save_pretrained(path)
+    return model
+
+
+def _build(source, cuis, caplog):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="radtrain.models"):
+        return build_classifier(ModelConfig(name=str(source)), None, cuis, seed=0)
+
+
+def test_a_classifier_of_the_same_labels_keeps_its_head(tmp_path, caplog):
+    old = _saved_classifier(tmp_path / "old", CUIS)
+    model = _build(tmp_path / "old", CUIS, caplog)
+    assert torch.equal(model.classifier.weight, old.classifier.weight)
+    assert torch.equal(model.classifier.bias, old.classifier.bias)
+    assert "its head is kept" in caplog.text
+
+
+def test_a_classifier_of_other_labels_of_the_same_count_gets_a_new_head(tmp_path, caplog):
+    """Before: transformers loaded the head as it was (same shape), each row now under another
+    CUI, silently. Other CUIs, and the same CUIs in another order, start a new head."""
+    old = _saved_classifier(tmp_path / "old", CUIS)
+    for cuis in ([*CUIS[:5], "C9999999"], CUIS[::-1]):
+        model = _build(tmp_path / "old", cuis, caplog)
+        head = model.classifier
+        assert not torch.equal(head.weight, old.classifier.weight) and (head.bias == 0).all()
+        # ModernBERT's initialisation of a new classifier: truncated normal, std hidden**-0.5, bias 0.
+        std = _config().hidden_size ** -0.5
+        assert head.weight.abs().max() <= 3 * std + 1e-6 and 0.5 * std < float(head.weight.detach().std()) < 1.5 * std
+        assert "its head is replaced by a new one" in caplog.text
+        # The encoder still comes from the old model.
+        assert torch.equal(model.model.embeddings.tok_embeddings.weight, old.model.embeddings.tok_embeddings.weight)
+
+
+def test_an_mlm_export_and_another_label_count_start_a_new_head_quietly(tmp_path, caplog):
+    _saved_classifier(tmp_path / "old", CUIS)
+    model = _build(tmp_path / "old", CUIS[:4], caplog)  # transformers' own size mismatch
+    assert model.classifier.weight.shape == (4, 32) and (model.classifier.bias == 0).all()
+    torch.manual_seed(0)
+    ModernBertForMaskedLM(_config()).save_pretrained(tmp_path / "mlm")
+    model = _build(tmp_path / "mlm", CUIS, caplog)
+    assert model.classifier.weight.shape == (6, 32) and "head" not in caplog.text
+
+
+def test_a_warning_when_init_from_trained_on_this_runs_held_out_captions(tmp_path, roco_path, caplog):
+    """An MLM phase cut the captions with data.split_seed=42, the classifier with 5: most of the
+    classifier's test captions were MLM training captions. Counted and named; the same cut is quiet."""
+    import json
+
+    from conftest import write_roco_slice
+
+    from radtrain.config import load_config
+    from radtrain.data.sources import load_splits
+    from radtrain.phase import _source_for_meta, warn_if_init_trained_on_held_out
+
+    data = write_roco_slice(tmp_path / "roco.jsonl", 400)
+    mlm = tmp_path / "mlm" / "best"
+    mlm.mkdir(parents=True)
+    defaults = load_config(None, [f"data.source={data}"]).data
+    recorded = {"source": _source_for_meta(str(data)), "validation_fraction": defaults.validation_fraction,
+                "test_fraction": defaults.test_fraction, "split_seed": 42, "max_train_samples": None,
+                "text_column": "caption"}
+    (mlm / "radtrain.json").write_text(json.dumps({"task": "mlm", "data": recorded}))
+    for seed, warned in ((5, True), (42, False)):
+        cfg = load_config(None, [f"data.source={data}", f"model.init_from={mlm}", f"data.split_seed={seed}"])
+        splits = load_splits(cfg.data)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            warn_if_init_trained_on_held_out(cfg, splits)
+        if warned:
+            test = f"of the {len(splits['test'])} test captions were training captions of model.init_from={mlm}"
+            assert test in caplog.text and "data.split_seed=42 there, 5 here" in caplog.text
+            assert len(caplog.records) == 2  # validation and test; load_splits' own warnings are not repeated
+        else:
+            assert caplog.text == ""

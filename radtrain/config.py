@@ -147,7 +147,8 @@ class ModelConfig:
     name: str = "answerdotai/ModernBERT-base"
     """Hub id, local directory, or scratch:tiny|small|base|large (offline, tokenizer trained here)."""
     init_from: str | None = None
-    """Weights to start from (e.g. the MLM run's best/); the run's own checkpoints take precedence."""
+    """Weights to start from (e.g. the MLM run's best/); the run's own checkpoints take precedence.
+    A classifier of the same CUIs in the same order keeps its head; any other starts a new one."""
     attn_implementation: str | None = None
     """None lets transformers choose (sdpa); 'flash_attention_2' where flash-attn is installed."""
     mlm_probability: float = 0.3

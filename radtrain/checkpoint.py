@@ -15,9 +15,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -299,9 +301,12 @@ class CheckpointManager:
             error = exc
         if not any_rank(accelerator, error is not None):  # also the barrier before the write
             try:
+                faults.hit("checkpoint-shard")  # test hook: this rank's part of the write fails
                 accelerator.save_state(str(tmp), safe_serialization=True)
             except Exception as exc:
                 error = exc
+                if _collective_save(accelerator):
+                    self._abandon(accelerator, final, tmp, exc)
         if not any_rank(accelerator, error is not None) and accelerator.is_main_process:
             try:
                 (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
@@ -331,15 +336,9 @@ class CheckpointManager:
             # say which checkpoint the next start will resume from.
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.complete_checkpoints()
-            kept = (
-                f"The previous checkpoint {previous[0].path} is intact; the next start resumes from it."
-                if previous
-                else "There is no earlier checkpoint; the next start begins at step 0."
-            )
             if error is None:
                 error = RuntimeError("another process failed to write its part of the checkpoint")
-            raise CheckpointError(write_failed(final, error, kept)) from error
+            raise CheckpointError(write_failed(final, error, self._kept())) from error
         if accelerator.is_main_process:
             if final.exists():  # an older write of this step (e.g. one that did not load on resume)
                 shutil.rmtree(final)
@@ -349,6 +348,26 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         self.last_saved_step = state.global_step
         return final
+
+    def _kept(self) -> str:
+        previous = self.complete_checkpoints()
+        if previous:
+            return f"The previous checkpoint {previous[0].path} is intact; the next start resumes from it."
+        return "There is no earlier checkpoint; the next start begins at step 0."
+
+    def _abandon(self, accelerator, final: Path, tmp: Path, error: BaseException) -> NoReturn:
+        """This rank's part of a DeepSpeed checkpoint failed. DeepSpeed's save ends in a barrier
+        (and ZeRO-3's may gather) that the other ranks are waiting in: any collective of ours now
+        would be paired with one of theirs and hang, or worse. So say what failed, here, and end
+        this process: the launcher (torchrun; srun --kill-on-bad-exit) ends the others, whose
+        collectives fail once this process is gone. The main rank drops the partial write; so
+        does the next successful save."""
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        message = write_failed(final, error, self._kept())
+        print(f"radtrain: error: process {accelerator.process_index}: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)  # EXIT_USAGE, as for any write failure; no atexit or collective clean-up can run safely
 
     def _rotate(self, written_step: int) -> None:
         """Keep the newest ``keep`` complete checkpoints up to the one just written. Only
@@ -399,6 +418,13 @@ def _describe_layout(layout: str) -> str:
     if layout.startswith("deepspeed-zero"):
         return f"DeepSpeed ZeRO-{layout.removeprefix('deepspeed-zero')}"
     return "plain data parallelism (one process or DDP, no DeepSpeed)"
+
+
+def _collective_save(accelerator) -> bool:
+    """Whether the ranks meet in collectives inside save_state (DeepSpeed across processes)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def write_failed(target: Path, exc: BaseException, kept: str) -> str:

@@ -6,12 +6,14 @@ optimizer step, inside an evaluation, inside a checkpoint write (after the tenso
 a signal from outside would hit those moments only by luck, so the code calls :func:`hit` at
 each of them and this module acts when the environment asks for it.
 
-``RADTRAIN_FAULT`` is a comma-separated list of ``POINT:WHEN[:ACTION]``:
+``RADTRAIN_FAULT`` is a comma-separated list of ``POINT:WHEN[:ACTION][@RANK]``:
 
 - POINT: ``step`` (after the backward passes of an optimizer step, before the update),
   ``forward`` (before each micro-batch's forward pass in training),
   ``eval`` (after an evaluation's forward passes, before its metrics row is written),
   ``checkpoint-write`` (tensors and trainer_state.json written, manifest not yet),
+  ``checkpoint-shard`` (every rank, as it starts writing its part of a checkpoint: with
+  ``@RANK``, one rank's part fails while the others write theirs),
   ``export`` (new ``best.tmp`` complete, old ``best/`` moved to ``best.old``, not yet swapped),
   ``nan`` (makes the training loss non-finite: exercises the real skip path through backward).
 - WHEN: ``N`` or ``N-M``. For ``step`` and ``nan`` it is the optimizer step number being
@@ -22,6 +24,7 @@ each of them and this module acts when the environment asks for it.
   ``oom`` (raise ``torch.OutOfMemoryError``, what the CUDA allocator raises when a batch does not
   fit), or a signal name ``SIGTERM|SIGINT|SIGUSR1|SIGUSR2`` (sent to this process: the real
   handler runs, as for a scheduler's preemption notice).
+- RANK: only the process of that global rank (``$RANK``, 0 in a single process) acts.
 
 Examples: ``RADTRAIN_FAULT=checkpoint-write:2``, ``RADTRAIN_FAULT=step:7``,
 ``RADTRAIN_FAULT=nan:5-6``, ``RADTRAIN_FAULT=step:6:SIGUSR2,export:1:enospc``,
@@ -40,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 ENV = "RADTRAIN_FAULT"
-POINTS = ("step", "forward", "eval", "checkpoint-write", "export", "nan")
+POINTS = ("step", "forward", "eval", "checkpoint-write", "checkpoint-shard", "export", "nan")
 ACTIONS = ("kill", "enospc", "oom", "SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 # Points whose WHEN is an optimizer step number rather than a count of hits in this process.
 STEP_NUMBERED = ("step", "nan")
@@ -52,16 +55,21 @@ class Fault:
     first: int
     last: int
     action: str
+    rank: int | None = None
 
     def covers(self, number: int) -> bool:
-        return self.first <= number <= self.last
+        here = self.rank is None or self.rank == int(os.environ.get("RANK", "0") or 0)
+        return here and self.first <= number <= self.last
 
 
 def parse(spec: str) -> list[Fault]:
     """Parse a RADTRAIN_FAULT value; a typo raises instead of silently injecting nothing."""
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        parts = item.split(":")
+        body, at, rank = item.partition("@")
+        if at and not rank.isdigit():
+            raise ValueError(f"{ENV}: {item!r}: @RANK must be a process rank (0, 1, ...)")
+        parts = body.split(":")
         if len(parts) not in (2, 3) or parts[0] not in POINTS:
             raise ValueError(f"{ENV}: {item!r} is not POINT:WHEN[:ACTION] with POINT one of {POINTS}")
         action = parts[2] if len(parts) == 3 else "kill"
@@ -72,7 +80,7 @@ def parse(spec: str) -> list[Fault]:
             lo, hi = int(first), int(last or first)
         except ValueError:
             raise ValueError(f"{ENV}: {item!r}: WHEN must be N or N-M") from None
-        faults.append(Fault(parts[0], lo, hi, action))
+        faults.append(Fault(parts[0], lo, hi, action, int(rank) if at else None))
     return faults
 
 

@@ -257,6 +257,22 @@ def test_resume_under_another_layout_is_refused_naming_both(pipeline, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
 
 
+def test_one_rank_failing_its_checkpoint_part_ends_the_run_with_the_error(pipeline, tmp_path):
+    """ENOSPC on rank 1 only, as it writes its part of the second checkpoint under ZeRO-2. Before:
+    rank 0 waited in DeepSpeed's closing barrier and rank 1 in radtrain's agreement all-reduce,
+    so both hung (until gloo's 30-minute timeout) and the error was never printed. Now rank 1
+    says what failed and ends; rank 0's barrier fails with it; the first checkpoint is kept."""
+    run = tmp_path / "run"
+    env = {**pipeline["env"], "RADTRAIN_FAULT": "checkpoint-shard:2:enospc@1"}
+    args = [f"data.source={pipeline['data']}", *CLASSIFY]
+    res = run_bounded(launch_cmd(ZERO2, "classify", run, *args), RUN_TIMEOUT_S, env)
+    assert res.returncode != 0
+    assert "radtrain: error: process 1: could not write" in res.stdout, res.stdout[-3000:]
+    assert "No space left on device (injected" in res.stdout
+    assert f"The previous checkpoint {run / 'checkpoints' / 'step-00000015'} is intact" in res.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000015"]  # partial write gone
+
+
 def test_zero3_compiled_layers_match_eager(pipeline):
     """train.compile=true under ZeRO-3: the layers are compiled before DeepSpeed installs its
     parameter gather/release hooks on them, so Dynamo traces those hooks. The run must train what

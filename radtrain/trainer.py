@@ -398,14 +398,19 @@ class Trainer:
             if any_rank(self.acc, self.stop.signum is not None):
                 self.ckpt.save(self.acc, self.state)  # a no-op: the last step was just saved
                 raise ResumeRequested(
-                    f"stopped on signal {self.stop.signum} after the last step ({self.state.global_step}); "
-                    "checkpoint saved"
+                    f"stopped on {self._stop_reason()} after the last step ({self.state.global_step}); checkpoint saved"
                 )
         finally:
             self.stop.restore()
             if progress is not None:
                 progress.close()
         return self.state
+
+    def _stop_reason(self) -> str:
+        """The stop is agreed by every rank, the signal is seen by one (or some) of them."""
+        if self.stop.signum is None:
+            return "a signal received by another process"
+        return f"signal {self.stop.signum} ({signal.Signals(self.stop.signum).name})"
 
     def _loop(self, progress) -> None:
         st, cfg = self.state, self.cfg
@@ -451,9 +456,7 @@ class Trainer:
                     self.ckpt.save(self.acc, st)
                 if self.stop_requested:
                     self.ckpt.save(self.acc, st)  # a no-op when this step was just saved above
-                    raise ResumeRequested(
-                        f"stopped on signal {self.stop.signum} at step {st.global_step}; checkpoint saved"
-                    )
+                    raise ResumeRequested(f"stopped on {self._stop_reason()} at step {st.global_step}; checkpoint saved")
 
     def _host_batches(
         self, epoch: int, step_in_epoch: int, micro: list[np.ndarray]

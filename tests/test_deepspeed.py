@@ -350,7 +350,7 @@ def test_zero3_interrupted_run_resumes_to_the_same_result(pipeline):
             _kill_tree(proc.pid)
             raise Hung("the interrupted run did not stop within 120 s of SIGTERM") from None
     out = output.read_text()
-    stops = re.findall(r"stopped on signal 15 at step (\d+); checkpoint saved", out)
+    stops = re.findall(r"stopped on signal 15 \(SIGTERM\) at step (\d+); checkpoint saved", out)
     assert len(stops) == 2 and stops[0] == stops[1], out[-5000:]  # both ranks stopped at the same step
     step = int(stops[0])
     assert 3 <= step < TOTAL_STEPS

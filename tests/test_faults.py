@@ -259,7 +259,7 @@ def test_stop_signals_checkpoint_at_the_step_boundary_and_exit_75(env, tmp_path,
     run = tmp_path / "run"
     result = expect(radtrain(env, run, "train.epochs=1", fault=f"step:3:{signame}"), 75)
     signum = int(getattr(signal, signame))
-    assert f"stopped on signal {signum} at step 3; checkpoint saved" in result.stderr
+    assert f"stopped on signal {signum} ({signame}) at step 3; checkpoint saved" in result.stderr
     assert complete_steps(run) == [3]
     manager(run).verify(manager(run).complete_checkpoints()[0])
 

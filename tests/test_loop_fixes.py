@@ -196,6 +196,23 @@ def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(tmp
     assert not list((run / "checkpoints").glob("*step-00000003")), "the partial write must be removed"
 
 
+@pytest.mark.slow
+def test_a_stop_signal_seen_by_one_rank_stops_both_and_each_says_why(tmp_path, roco_path):
+    """SIGUSR1 reaches rank 1 only: both ranks stop at the same step with one checkpoint. Rank 0
+    used to report "stopped on signal None" (the signal number is rank 1's alone)."""
+    data = write_roco_slice(tmp_path / "roco300.jsonl", 300)
+    run = tmp_path / "run"
+    launcher = ("accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+                "--main_process_port", "29548", "-m")
+    result = _classify(run, data, "train.batch_size=8", fault="step:3:SIGUSR1@1", launcher=launcher)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text[-3000:]
+    assert "stopped on signal 10 (SIGUSR1) at step 3; checkpoint saved" in text, text[-3000:]
+    assert "stopped on a signal received by another process at step 3; checkpoint saved" in text
+    assert "signal None" not in text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]
+
+
 def test_mlm_accumulation_trains_the_masks_of_the_whole_batch(tmp_path, roco_dir):
     """MLM, batch 16 vs batch 8 x accumulation 2 (the README's way to keep the global batch): the
     same captions per step, and now the same masks (they were seeded per micro-batch, so the two

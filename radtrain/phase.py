@@ -537,10 +537,19 @@ def load_export_classifier(model_dir: Path, accelerator=None):
     from radtrain.distributed import plain_model_loading
 
     with plain_model_loading():  # whole on every rank, also inside a ZeRO-3 run
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        # In the dtype it was saved in: fp32, or bf16 from a DeepSpeed bf16 run, whose engine
+        # trained and evaluated a bf16 module (an fp32 copy of those weights computes otherwise).
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype="auto")
     if accelerator is not None:
         model = model.to(accelerator.device)
     return model
+
+
+def export_autocast(model, precision: str, device: torch.device):
+    """The autocast a run evaluated its model under: bf16 autocast over fp32 weights (accelerate's
+    mixed precision); none for a bf16 model (DeepSpeed's bf16 runs the module in bf16 throughout)."""
+    enabled = precision == "bf16" and next(model.parameters()).dtype == torch.float32
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def evaluate_export(
@@ -568,7 +577,7 @@ def evaluate_export(
         return collate(s, idx, pad_id, pad_to_multiple_of=pad_multiple, pad_to_length=pad_length)
 
     batch_size = int(meta.get("eval_batch_size") or cfg.train.eval_batch_size or cfg.train.batch_size)
-    with accelerator.autocast():
+    with export_autocast(model, meta.get("precision") or accelerator.mixed_precision, accelerator.device):
         metrics, gathered = evaluate_split(task, model, accelerator, split, collate_fn, batch_size, cfg.train.seed)
     from radtrain.thresholds import apply_thresholds, is_tuned, threshold_vector
 

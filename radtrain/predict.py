@@ -73,6 +73,8 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        from radtrain.phase import export_autocast
+
         out = []
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
@@ -80,7 +82,7 @@ class Predictor:
                 [text.strip() for text in texts[start : start + batch_size]], truncation=True, max_length=self.max_length,
                 padding=True, return_tensors="pt",
             ).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            with export_autocast(self.model, self.precision, self.device):
                 logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             out.append(torch.sigmoid(logits.float()).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.cuis)), dtype=np.float32)

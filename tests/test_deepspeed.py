@@ -273,6 +273,28 @@ def test_one_rank_failing_its_checkpoint_part_ends_the_run_with_the_error(pipeli
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000015"]  # partial write gone
 
 
+def test_a_zero_bf16_export_reproduces_the_runs_validation_figures(pipeline, tmp_path):
+    """DeepSpeed's bf16 trains and evaluates a bf16 module (no autocast), and best/ holds those bf16
+    weights. The export used to be loaded as fp32 (and evaluated under autocast, or in plain
+    fp32 inside the run): other logits than the run's, so summary.json's validation figures and
+    the thresholds tuned on them did not hold for evaluate, predict or the test score (measured
+    with ZeRO-3: f1_tuned 0.3252 in the run, 0.3190 from the export). Now it is loaded as saved."""
+    run = tmp_path / "run"
+    args = [f"data.source={pipeline['data']}", *CLASSIFY, "train.precision=bf16"]
+    launch(ZERO2, "classify", run, *args, env=pipeline["env"])
+    assert json.loads((run / "best" / "config.json").read_text())["dtype"] == "bfloat16"
+    evaluated = tmp_path / "validation.json"
+    res = run_bounded(
+        [PYTHON, "-m", "radtrain", "evaluate", "--model", str(run / "best"), "--split", "validation",
+         "--output", str(evaluated)], RUN_TIMEOUT_S, pipeline["env"],
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:]
+    reported, got = json.loads((run / "summary.json").read_text())["validation"], json.loads(evaluated.read_text())
+    assert got["loss"] == pytest.approx(reported["loss"], abs=1e-6)
+    for key in ("f1", "f1_macro", "f1_samples", "hamming_loss", "f1_tuned", "f1_macro_tuned"):
+        assert got[key] == pytest.approx(reported[key], abs=1e-9), key
+
+
 def test_zero3_compiled_layers_match_eager(pipeline):
     """train.compile=true under ZeRO-3: the layers are compiled before DeepSpeed installs its
     parameter gather/release hooks on them, so Dynamo traces those hooks. The run must train what

@@ -365,6 +365,8 @@ class CheckpointManager:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         message = write_failed(final, error, self._kept())
+        if not isinstance(error, OSError):  # e.g. gloo/NCCL: the collective failed because a peer ended
+            message += " If another process reported a write error, that error is the cause."
         print(f"radtrain: error: process {accelerator.process_index}: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)  # EXIT_USAGE, as for any write failure; no atexit or collective clean-up can run safely

@@ -257,13 +257,29 @@ def _new_head(model) -> None:
     """Initialise the classification head as transformers initialises a new one. Loaded weights
     are flagged so that transformers' init functions leave them alone; the head's flags are
     cleared first. ModernBERT initialises its classifier from the top module (a scale of its
-    own), other architectures per Linear."""
+    own); other architectures per submodule (RoBERTa's and ELECTRA's heads are a dense layer and
+    a projection). Under ZeRO-3 the parameters are empty shards: gathered, initialised on rank 0
+    and scattered back, so every rank holds the same new head."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     head = getattr(model, "classifier", None) or getattr(model, "score", None)
     if not isinstance(head, torch.nn.Module):
         raise ConfigError(f"cannot find the classification head of {type(model).__name__} to start it anew")
-    for param in head.parameters():
-        param._is_hf_initialized = False
-    model._init_weights(model if type(model).__name__ == "ModernBertForSequenceClassification" else head)
+    params = list(head.parameters())
+    gathered = contextlib.nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with gathered, torch.no_grad():
+        for param in params:
+            param._is_hf_initialized = False
+        if type(model).__name__ == "ModernBertForSequenceClassification":
+            model._init_weights(model)
+        else:
+            head.apply(model._init_weights)
 
 
 def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs) -> torch.nn.Module:

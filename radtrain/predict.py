@@ -70,6 +70,8 @@ class Predictor:
         self.precision = {"fp32": "no"}.get(precision or "", precision) or meta.get("precision") or "no"
         if self.precision not in ("no", "bf16"):
             raise ConfigError(f"precision {self.precision!r}: use fp32 or bf16")
+        if self.precision == "no":  # fp32 asked of a bf16 export (DeepSpeed bf16): compute in fp32
+            self.model.float()
 
     @torch.no_grad()
     def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:

@@ -332,6 +332,27 @@ def test_evaluate_uses_the_precision_the_run_evaluated_in(capped_run, tmp_path, 
         assert value == pytest.approx(evaluated[f"{key}{suffix}"], abs=1e-9), key
 
 
+def test_a_bf16_export_predicts_in_bf16_unless_fp32_is_asked(capped_run, tmp_path):
+    """A DeepSpeed bf16 run's export holds bf16 weights: loaded as saved, it computes as the run
+    did; --precision fp32 used to turn off autocast only, leaving the weights (and the compute)
+    in bf16 (session 8 review)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from radtrain.predict import Predictor
+
+    best = tmp_path / "bf16"
+    shutil.copytree(capped_run / "run" / "best", best)
+    model = AutoModelForSequenceClassification.from_pretrained(best, dtype=torch.bfloat16)
+    model.save_pretrained(best)  # as DeepSpeed's bf16 engine leaves it
+    meta = json.loads((best / "radtrain.json").read_text())
+    (best / "radtrain.json").write_text(json.dumps({**meta, "precision": "bf16"}))
+    texts = ["Axial CT of the abdomen showing a liver cyst.", "Chest radiograph: no pneumothorax."]
+    as_run, fp32 = Predictor(best, device="cpu"), Predictor(best, device="cpu", precision="fp32")
+    assert next(as_run.model.parameters()).dtype == torch.bfloat16
+    assert next(fp32.model.parameters()).dtype == torch.float32
+    assert not np.array_equal(as_run.probabilities(texts), fp32.probabilities(texts))
+
+
 def test_predict_reads_csv_input_as_training_does_and_strips_texts(capped_run, tmp_path, capsys):
     """A .csv --input was read as raw lines (the header and quoted commas became captions); texts
     were not stripped, though training strips every caption (other tokens, other predictions)."""

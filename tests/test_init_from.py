@@ -104,3 +104,62 @@ def test_a_warning_when_init_from_trained_on_this_runs_held_out_captions(tmp_pat
             assert len(caplog.records) == 2  # validation and test; load_splits' own warnings are not repeated
         else:
             assert caplog.text == ""
+
+
+def test_a_roberta_style_head_of_other_labels_starts_anew(tmp_path, caplog):
+    """RoBERTa's head is a module of a dense layer and a projection: initialising only the module
+    itself left both as they were (session 8 review)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, num_labels=3,
+                           id2label=dict(enumerate(CUIS[:3])), label2id={c: i for i, c in enumerate(CUIS[:3])})
+    old = RobertaForSequenceClassification(config)
+    with torch.no_grad():
+        for param in old.classifier.parameters():
+            param.fill_(7.0)
+    old.save_pretrained(tmp_path / "roberta")
+    model = _build(tmp_path / "roberta", CUIS[3:], caplog)
+    assert "its head is replaced by a new one" in caplog.text
+    for name, param in model.classifier.named_parameters():
+        assert float(param.detach().abs().max()) < 1.0, name  # BERT-style init: normal(0.02) weights, zero biases
+
+
+ZERO3_HEAD = """
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from transformers.integrations import HfDeepSpeedConfig
+from radtrain.config import ModelConfig
+from radtrain.models import build_classifier
+deepspeed.init_distributed(dist_backend="gloo")
+keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1})
+cuis = [f"C{i:07d}" for i in range(6)][::-1]
+model = build_classifier(ModelConfig(name=sys.argv[1]), None, cuis, seed=0)
+head = list(model.classifier.parameters())
+assert all(p.numel() == 0 for p in head), "expected ZeRO-3 shards"
+with deepspeed.zero.GatheredParameters(head):
+    print("WEIGHT_MAX", float(model.classifier.weight.abs().max()), "BIAS_MAX", float(model.classifier.bias.abs().max()))
+"""
+
+
+def test_a_new_head_under_zero3_is_initialised_in_its_gathered_parameters(tmp_path):
+    """Under ZeRO-3 transformers builds the model as empty shards: initialising those changed
+    nothing, and the old head was kept under other CUIs (session 8 review)."""
+    import re
+    import socket
+    import subprocess
+
+    from conftest import PYTHON, REPO, subprocess_env
+
+    _saved_classifier(tmp_path / "old", CUIS)  # head weight 0.5, bias -1.0
+    script = tmp_path / "zero3_head.py"
+    script.write_text(ZERO3_HEAD)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([PYTHON, str(script), str(tmp_path / "old"), str(port)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    weight, bias = map(float, re.search(r"WEIGHT_MAX (\S+) BIAS_MAX (\S+)", done.stdout).groups())
+    assert weight < 3 * 32**-0.5 + 1e-6 and bias == 0.0

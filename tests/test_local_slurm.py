@@ -111,6 +111,15 @@ def _wait_for(predicate, timeout: float, what: str, poll_s: float = 0.5):
     pytest.fail(f"timed out after {timeout}s waiting for {what}; squeue:\n{_squeue()}")
 
 
+def test_the_node_has_every_cpu_of_this_machine():
+    """slurm/local/start.sh used GNU nproc, which honours OMP_NUM_THREADS: started from a shell
+    with OMP_NUM_THREADS=1 it made a 1-CPU node, and 2-CPU jobs stayed pending forever."""
+    import os
+
+    node = _run(["scontrol", "show", "node", "-o"]).stdout
+    assert f"CPUTot={len(os.sched_getaffinity(0))} " in node, node
+
+
 def test_array_tasks_each_write_a_file_and_run_concurrently(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

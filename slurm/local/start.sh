@@ -123,7 +123,10 @@ fi
 
 # ---------------------------------------------------------------- slurm.conf
 node="$(hostname -s)"
-cpus="$(nproc)"
+# The CPUs this machine gives us; without the OpenMP variables, which GNU nproc honours (a shell
+# with OMP_NUM_THREADS=1, usual on clusters and in our test runs, made a 1-CPU node on which
+# 2-CPU jobs waited forever with reason PartitionConfig).
+cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 mem_mb="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
 # slurmd drains a node that reports less memory than configured; leave 10% headroom because
 # what slurmd measures differs a little from /proc/meminfo (and between kernels/containers).

@@ -200,6 +200,7 @@ def test_filler_takes_no_mlm_label():
     assert batch["cu_seqlens"].numel() == len(LENGTHS) + 1  # pack() without a multiple: exact
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on a CPU, on purpose
 @pytest.mark.parametrize("block", [128, 64])
 @pytest.mark.parametrize("window", [None, 64])
 def test_flex_document_mask_is_per_caption_attention(block, window):
@@ -243,6 +244,7 @@ def _attention_masks_seen(model) -> list:
     return seen
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on a CPU, on purpose
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_flex_packed_forward_matches_block_attention(pooling):
     """data.packed_attention=flex computes what the exact block attention computes, global and local

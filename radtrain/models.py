@@ -126,9 +126,19 @@ def check_max_length(max_length: int, config) -> None:
         )
 
 
+def _attention(cfg: ModelConfig) -> str | None:
+    """model.attn_implementation, registered with transformers first where it is radtrain's own
+    (transformers checks the name when it builds the model, before packing.enable would register it)."""
+    from radtrain import packing
+
+    if cfg.attn_implementation == packing.ATTN_NAME:
+        packing.register()
+    return cfg.attn_implementation
+
+
 def _common_kwargs(cfg: ModelConfig) -> dict:
     kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.attn_implementation:
+    if _attention(cfg):
         kwargs["attn_implementation"] = cfg.attn_implementation
     return kwargs
 
@@ -145,7 +155,7 @@ def build_mlm_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
     if source is None:
         torch.manual_seed(seed)
         config = scratch_config(cfg.name.split(":", 1)[1], tokenizer)
-        if cfg.attn_implementation:
+        if _attention(cfg):
             config._attn_implementation = cfg.attn_implementation
         model = ModernBertForMaskedLM(config)
     else:
@@ -216,7 +226,7 @@ def build_classifier(cfg: ModelConfig, tokenizer, cuis: list[str], seed: int) ->
         config.problem_type = "multi_label_classification"
         for key, value in extra.items():
             setattr(config, key, value)
-        if cfg.attn_implementation:
+        if _attention(cfg):
             config._attn_implementation = cfg.attn_implementation
         return ModernBertForSequenceClassification(config)
     trained_labels = _classifier_labels(cfg)

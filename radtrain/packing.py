@@ -74,15 +74,26 @@ def flash_attn_installed() -> bool:
 
 
 @functools.cache
+def flash_capable_gpu() -> bool:
+    """A CUDA GPU that flash attention kernels run on: Ampere (sm80) or newer. Both PyTorch's
+    varlen kernel and flash-attn 2 refuse a V100 or T4 at their first call."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+@functools.cache
 def torch_varlen_kernel() -> bool:
-    """PyTorch's own varlen flash attention (CUDA only, torch >= 2.10)."""
-    if not torch.cuda.is_available():
+    """PyTorch's own varlen flash attention runs here (CUDA sm80+, torch >= 2.10)."""
+    if not flash_capable_gpu():
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def flash_attn_usable() -> bool:
+    return flash_attn_installed() and flash_capable_gpu()
 
 
 # -- the attention function ------------------------------------------------------------------------
@@ -372,10 +383,17 @@ def _attention_dropout(model) -> float:
     return float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
 
 
-def check_before_start(packing_setting: str, attention: str, device: torch.device) -> None:
-    """What ``enable`` would refuse on this device, checked before the run reads data or writes."""
-    if packing_setting == "on" and attention == "flex":
-        _check_flex(device)
+def check_before_start(
+    setting: str, attention: str, attn_implementation: str | None, device: torch.device, mixed_precision: str,
+    model_config,
+) -> None:
+    """What ``resolve`` and ``enable`` would decide and refuse for this model's config on this
+    device, checked before the run reads data, trains a tokenizer or writes anything."""
+    modernbert = getattr(model_config, "model_type", None) == "modernbert"
+    dropout = float(getattr(model_config, "attention_dropout", 0.0) or 0.0)
+    if _packs(setting, modernbert, device, mixed_precision, attn_implementation, dropout):
+        what = f"a {getattr(model_config, 'model_type', None) or type(model_config).__name__} model"
+        _packed_attention_name(modernbert, what, attn_implementation, mixed_precision, attention, device, dropout)
 
 
 def _check_flex(device: torch.device | None) -> None:
@@ -393,6 +411,45 @@ def _check_flex(device: torch.device | None) -> None:
         )
 
 
+def _packed_attention_name(
+    modernbert: bool, what: str, attn_implementation: str | None, mixed_precision: str, attention: str,
+    device: torch.device | None, dropout: float,
+) -> str:
+    """The attn_implementation a packed model runs, or the ConfigError that refuses the settings.
+    On settings alone, so that ``check_before_start`` refuses at start what ``enable`` would."""
+    if not modernbert:
+        raise ConfigError(f"data.packing=on needs a ModernBERT model; {what} is not one. Use data.packing=off")
+    if attn_implementation not in (None, "flash_attention_2", ATTN_NAME):
+        raise ConfigError(
+            f"data.packing=on cannot run with model.attn_implementation={attn_implementation!r} (it would let "
+            "packed captions attend to each other); unset it, use flash_attention_2, or data.packing=off"
+        )
+    if attention in ("blocks", "flex") and attn_implementation == "flash_attention_2":
+        raise ConfigError(
+            f"data.packed_attention={attention} runs radtrain's own attention; it cannot use "
+            "model.attn_implementation=flash_attention_2 (unset it, or use data.packed_attention=varlen)"
+        )
+    if attention == "flex":
+        _check_flex(device)
+    half = mixed_precision in ("bf16", "fp16")
+    if attention == "varlen" and not (half and (flash_attn_usable() or torch_varlen_kernel())):
+        raise ConfigError(
+            "data.packed_attention=varlen needs a varlen flash kernel: an Ampere or newer GPU, train.precision bf16, "
+            "and flash-attn or torch >= 2.10; none is here. Use data.packed_attention=auto (or blocks)"
+        )
+    name = attn_implementation
+    if name is None:
+        flash = half and flash_attn_usable() and attention in ("auto", "varlen")
+        name = "flash_attention_2" if flash else ATTN_NAME
+    if name == ATTN_NAME and dropout:
+        raise ConfigError(
+            f"data.packing=on: this model's config sets attention_dropout={dropout}, which radtrain's "
+            "packed attention does not apply (flash-attn's does); use data.packing=off, flash-attn, or a config with "
+            "attention_dropout=0"
+        )
+    return name
+
+
 def supports_packing(model) -> bool:
     return _encoder(model) is not None
 
@@ -408,38 +465,10 @@ def enable(
     is data.packed_attention (validated with the config); ``device`` is where the model trains
     (the trainer gives it: ``flex`` has no backward on a CPU; None for forward-only use)."""
     encoder = _encoder(model)
-    if encoder is None:
-        raise ConfigError(
-            f"data.packing=on needs a ModernBERT model; {type(model).__name__} is not one. Use data.packing=off"
-        )
-    if attn_implementation not in (None, "flash_attention_2", ATTN_NAME):
-        raise ConfigError(
-            f"data.packing=on cannot run with model.attn_implementation={attn_implementation!r} (it would let "
-            "packed captions attend to each other); unset it, use flash_attention_2, or data.packing=off"
-        )
-    if attention in ("blocks", "flex") and attn_implementation == "flash_attention_2":
-        raise ConfigError(
-            f"data.packed_attention={attention} runs radtrain's own attention; it cannot use "
-            "model.attn_implementation=flash_attention_2 (unset it, or use data.packed_attention=varlen)"
-        )
-    if attention == "flex":
-        _check_flex(device)
-    half = mixed_precision in ("bf16", "fp16")
-    if attention == "varlen" and not (torch.cuda.is_available() and half and (flash_attn_installed() or torch_varlen_kernel())):
-        raise ConfigError(
-            "data.packed_attention=varlen needs a varlen flash kernel: CUDA, train.precision bf16, and flash-attn or "
-            "torch >= 2.10; none is here. Use data.packed_attention=auto (or blocks)"
-        )
-    name = attn_implementation
-    if name is None:
-        flash = torch.cuda.is_available() and half and flash_attn_installed() and attention in ("auto", "varlen")
-        name = "flash_attention_2" if flash else ATTN_NAME
-    if name == ATTN_NAME and _attention_dropout(model):
-        raise ConfigError(
-            f"data.packing=on: this model's config sets attention_dropout={_attention_dropout(model)}, which radtrain's "
-            "packed attention does not apply (flash-attn's does); use data.packing=off, flash-attn, or a config with "
-            "attention_dropout=0"
-        )
+    name = _packed_attention_name(
+        encoder is not None, type(model).__name__, attn_implementation, mixed_precision, attention, device,
+        _attention_dropout(model),
+    )
     if name == ATTN_NAME:
         register()
     flagged = stock = 0
@@ -474,17 +503,24 @@ def enable(
 def resolve(setting: str, model, device: torch.device, mixed_precision: str, attn_implementation: str | None) -> bool:
     """Whether to pack: 'on'/'off' as given; 'auto' where a varlen kernel makes it pay (CUDA in
     bf16 with flash-attn or PyTorch's varlen attention) and the model is a ModernBERT."""
+    return _packs(setting, supports_packing(model), device, mixed_precision, attn_implementation, _attention_dropout(model))
+
+
+def _packs(
+    setting: str, modernbert: bool, device: torch.device, mixed_precision: str, attn_implementation: str | None,
+    dropout: float,
+) -> bool:
     if setting == "off":
         return False
     if setting == "on":
         return True
-    if device.type != "cuda" or mixed_precision not in ("bf16", "fp16") or not supports_packing(model):
+    if device.type != "cuda" or mixed_precision not in ("bf16", "fp16") or not modernbert:
         return False
-    if _attention_dropout(model) and attn_implementation != "flash_attention_2":
+    if dropout and attn_implementation != "flash_attention_2":
         return False  # radtrain's packed attention applies no dropout (flash-attn's does); padded batches do
     if attn_implementation not in (None, "flash_attention_2", ATTN_NAME):
         return False
-    return flash_attn_installed() or torch_varlen_kernel()
+    return flash_attn_usable() or torch_varlen_kernel()
 
 
 # -- batches ---------------------------------------------------------------------------------------

@@ -46,7 +46,10 @@ def setup_logging(is_main: bool) -> None:
 
 def resolve_precision(precision: str) -> str:
     if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        # Native bf16 only (Ampere and newer): torch's default also says yes where bf16 is emulated
+        # (V100, T4), which trains slower than fp32 there.
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "no"
     return {"fp32": "no", "bf16": "bf16"}[precision]
 
 
@@ -344,7 +347,8 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     check_model_source(cfg.model.init_from, "model.init_from")
     check_model_source(cfg.model.name, "model.name")
     models.check_attn_implementation(cfg.model.attn_implementation)
-    models.check_max_length(cfg.data.max_length, models.source_config(cfg.model))
+    model_config = models.source_config(cfg.model)
+    models.check_max_length(cfg.data.max_length, model_config)
     started = time.time()
     # Logging before the Accelerator exists (its DeepSpeed set-up logs the batch and precision it
     # chose); the launcher's rank says which process is the main one until the Accelerator does.
@@ -355,7 +359,10 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     )
     setup_logging(accelerator.is_main_process)
     configure_cuda()
-    packing.check_before_start(cfg.data.packing, cfg.data.packed_attention, accelerator.device)
+    packing.check_before_start(
+        cfg.data.packing, cfg.data.packed_attention, cfg.model.attn_implementation, accelerator.device,
+        accelerator.mixed_precision, model_config,
+    )
     run_dir = Path(cfg.output_dir)
     check_run_dir(cfg, phase, accelerator.num_processes, checkpoint_layout(accelerator))
     if accelerator.is_main_process:

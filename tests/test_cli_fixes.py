@@ -67,6 +67,43 @@ def test_flex_attention_on_a_cpu_is_refused_before_anything_is_read_or_written(t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these settings pack on a GPU")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.packed_attention=varlen"], "needs a varlen flash kernel"),
+        (["model.attn_implementation=eager"], "cannot run with model.attn_implementation='eager'"),
+        (["model.attn_implementation=flash_attention_2", "data.packed_attention=blocks"], "cannot use model.attn_implementation"),
+    ],
+)
+def test_packing_settings_that_cannot_run_are_refused_before_anything_is_read_or_written(tmp_path, capsys, overrides, message):
+    """Every packing refusal comes at start (it used to come after the tokenizer was trained, the
+    data tokenized and the model built, leaving a tokenizer/ folder behind)."""
+    code = main([
+        "mlm", "--output-dir", str(tmp_path / "run"), "data.source=./no-such-data.jsonl",
+        "model.name=scratch:tiny", "data.packing=on", *overrides,
+    ])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_radtrain_varlen_attention_builds_both_phases(tmp_path):
+    """model.attn_implementation=radtrain_varlen (what the start banner and docs/bench/*.json
+    show) is accepted at start, so both phases must build with it: transformers checks the name
+    at the model build, before packing.enable registered it (a ValueError traceback, exit 1).
+    A fresh process: registering is once per process, and another test may have done it."""
+    source = write_roco_slice(tmp_path / "roco.jsonl", 120)
+    for phase in ("mlm", "classify"):
+        done = subprocess.run(
+            [PYTHON, "-m", "radtrain", phase, "--output-dir", str(tmp_path / phase), f"data.source={source}",
+             *TINY, "model.attn_implementation=radtrain_varlen", "train.max_steps=1", "data.packing=off"],
+            capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "radtrain_varlen" in done.stdout + done.stderr
+
+
 def test_num_workers_is_gone_but_old_saved_configs_load():
     with pytest.raises(ConfigError, match="unknown config key 'train.num_workers'"):
         load_config(None, ["train.num_workers=2"])

@@ -65,6 +65,23 @@ if TYPE_CHECKING:  # torch is imported where used: `radtrain --help` should not 
 
 log = logging.getLogger(__name__)
 
+# The start of a row's error when its preset crashed (not out of memory): `radtrain bench` then exits 1.
+FAILED = "failed"
+# Exit status of a bench stopped by SIGTERM/SIGINT after writing the rows measured so far (as training's 75).
+STOPPED_EXIT = 75
+
+
+class _Stopped(BaseException):
+    """SIGTERM (e.g. `timeout`) during a bench: a BaseException, so no preset's handler takes it."""
+
+
+class BenchStopped(Exception):
+    """A bench stopped by a signal, raised after the rows measured so far were printed and written."""
+
+    def __init__(self, signal_name: str, rows: list[dict[str, Any]]):
+        super().__init__(f"stopped by {signal_name}")
+        self.rows = rows
+
 # The "ModernBERT in Radiology" recipe: fp32, every caption padded to 256 tokens, batch 8, captions
 # in random order (no length buckets).
 SEED_RECIPE: dict[str, Any] = {
@@ -442,7 +459,8 @@ class PresetRun:
 
     def attempt(self, method: str, n: int) -> None:
         """``warm`` or ``run`` n steps, unless this preset already failed. A preset that runs out of
-        memory is recorded as failed and releases what it holds, so the others still run."""
+        memory, or fails otherwise (a compile error of an experimental path), is recorded as failed
+        and releases what it holds, so the others still run and the rows measured are not lost."""
         if self.error is not None:
             return
         from radtrain.trainer import is_out_of_memory
@@ -450,10 +468,13 @@ class PresetRun:
         try:
             getattr(self, method)(n)
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # MemoryError() has no text
-            self.error = f"out of memory after {self.warmup_steps + self.steps} steps: {first_line[:300]}"
+            first_line = (str(exc).splitlines() or [""])[0] or type(exc).__name__  # MemoryError() has no text
+            done = self.warmup_steps + self.steps
+            if is_out_of_memory(exc):
+                self.error = f"out of memory after {done} steps: {first_line[:300]}"
+            else:
+                log.error("bench preset %s failed", self.name, exc_info=exc)
+                self.error = f"{FAILED} after {done} steps: {type(exc).__name__}: {first_line[:300]}"
         if self.error is not None:  # outside the except block: its traceback holds the step's tensors
             self._release()
 
@@ -658,15 +679,26 @@ def run_bench(
         if first.data.cache_dir is None:
             for name in presets:
                 configs[name].data.cache_dir = str(workdir / "cache")
-        shared = _Shared(first, phase, workdir)
-        runs = [PresetRun(name, configs[name], shared, workdir) for name in presets]
-        for run in runs:
-            run.attempt("warm", warmup)
-        for r in range(rounds):
-            for run in runs:
-                run.attempt("run", steps // rounds + (1 if r < steps % rounds else 0))
-        for run in runs:  # after the timed steps: counting slows a step down
-            run.count_ops(1)
+        runs: list[PresetRun] = []
+        stopped = None
+        with _stop_on_sigterm():
+            try:
+                shared = _Shared(first, phase, workdir)
+                for name in presets:
+                    runs.append(PresetRun(name, configs[name], shared, workdir))
+                for run in runs:
+                    run.attempt("warm", warmup)
+                for r in range(rounds):
+                    for run in runs:
+                        run.attempt("run", steps // rounds + (1 if r < steps % rounds else 0))
+                for run in runs:  # after the timed steps: counting slows a step down
+                    run.count_ops(1)
+            except (_Stopped, KeyboardInterrupt) as exc:
+                # What was measured is kept: the rows so far are printed and written below.
+                stopped = str(exc) if isinstance(exc, _Stopped) else "SIGINT"
+                for run in runs:
+                    if run.error is None and run.steps == 0:
+                        run.error = f"stopped by {stopped} before its timed steps"
         rows = [run.row() for run in runs]
         del runs
         gc.collect()
@@ -674,6 +706,13 @@ def run_bench(
     for row in rows:
         if row.error is not None:
             print(f"{row.preset}: {row.error}", flush=True)
+    if stopped:
+        unstarted = [name for name in presets if name not in {row.preset for row in rows}]
+        print(
+            f"radtrain bench: stopped by {stopped}; the rows above are what was measured"
+            + (f" (never started: {', '.join(unstarted)})" if unstarted else ""),
+            flush=True,
+        )
     out = [
         {**row.__dict__, "task": phase, "model": configs[row.preset].model.name, "data": configs[row.preset].data.source}
         for row in rows
@@ -683,10 +722,34 @@ def run_bench(
     for r in out:
         measured = base and base["captions_per_s"] and r["captions_per_s"] is not None
         r["speedup_vs_seed"] = r["captions_per_s"] / base["captions_per_s"] if measured else None
+        r["stopped_by"] = stopped
         r["environment"] = env
     if json_path:
         write_json(json_path, out)
+    if stopped:
+        raise BenchStopped(stopped, out)
     return out
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM raises _Stopped in the main thread (once: a second one ends the process)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise _Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -704,11 +767,14 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.model:
         overrides.insert(0, f"model.name={args.model}")
     logging.basicConfig(level=logging.WARNING)
-    run_bench(
-        presets, args.steps, args.warmup, args.config, overrides, args.task, args.json, rounds=args.rounds,
-        variants=variants,
-    )
-    return 0
+    try:
+        rows = run_bench(
+            presets, args.steps, args.warmup, args.config, overrides, args.task, args.json, rounds=args.rounds,
+            variants=variants,
+        )
+    except BenchStopped:
+        return STOPPED_EXIT
+    return 1 if any((row["error"] or "").startswith(FAILED) for row in rows) else 0
 
 
 def register_cli(subparsers) -> None:
@@ -736,7 +802,11 @@ def register_cli(subparsers) -> None:
         "e.g. --variant b512:train.batch_size=512 --variant b512_padded:train.batch_size=512,data.packing=off",
     )
     p.add_argument("--task", default="classify", choices=("classify", "mlm"), help="which phase's step to time")
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument(
+        "--json",
+        help="write the rows here (also when stopped by SIGTERM/SIGINT: the rows so far, exit 75; a preset "
+        "that crashed is a row with its error, exit 1)",
+    )
     p.add_argument("--config", "-c", help="YAML config (the 'user' preset; data/model for all)")
     p.add_argument("overrides", nargs="*", help="dotted overrides (the 'user' preset; data/model for all)")
     p.set_defaults(func=_cmd)

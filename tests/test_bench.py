@@ -6,6 +6,7 @@ captions with the same weights. Real ROCO captions, scratch tiny ModernBERT, the
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,50 @@ def test_a_preset_that_runs_out_of_memory_is_reported_and_the_others_still_run(c
         assert row["error"] is None and row["steps"] == 2 and row["captions_per_s"] > 0
     printed = capsys.readouterr().out
     assert "big" in printed and "out of memory" in printed
+
+
+def test_a_preset_that_crashes_is_reported_and_the_others_keep_their_rows(captions, tmp_path, capsys, monkeypatch):
+    """A preset failing with another error (an experimental attention's compile error, say) used
+    to abort the bench with nothing printed or written: the other presets' rows were lost."""
+    monkeypatch.setenv("RADTRAIN_FAULT", "forward:2:enospc")  # the 'broken' variant's warm-up step
+    faults.reset()
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--data", str(captions), "--model", "scratch:tiny", "--presets", "seed",
+        "--variant", "broken:train.batch_size=32", "--variant", "small:train.batch_size=4",
+        "--steps", "2", "--warmup", "1", "--json", str(out), "data.min_label_count=3",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ])
+    assert code == 1  # a crash is not a measurement: the exit status says so
+    seed, broken, small = json.loads(out.read_text())
+    assert broken["error"].startswith("failed after 0 steps: OSError:") and broken["captions_per_s"] is None
+    for row in (seed, small):
+        assert row["error"] is None and row["steps"] == 2 and row["captions_per_s"] > 0
+    assert "broken: failed after 0 steps" in capsys.readouterr().out
+
+
+def test_a_bench_stopped_by_sigterm_writes_the_rows_it_measured(captions, tmp_path, capsys, monkeypatch):
+    """`timeout` (the GPU lease's step limit) sends SIGTERM: the rows measured so far are printed
+    and written, exit 75, instead of a lease's minutes leaving nothing behind."""
+    # Forward passes (no warm-up, one micro-batch a step): round 1 is seed 1, late 2, never 3.
+    monkeypatch.setenv("RADTRAIN_FAULT", "forward:3:SIGTERM")
+    faults.reset()
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--data", str(captions), "--model", "scratch:tiny", "--presets", "seed",
+        "--variant", "late:train.batch_size=4", "--variant", "never:train.batch_size=4",
+        "--steps", "2", "--rounds", "2", "--warmup", "0", "--json", str(out), "data.min_label_count=3",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ])
+    assert code == 75
+    rows = {r["preset"]: r for r in json.loads(out.read_text())}
+    for name in ("seed", "late"):
+        assert rows[name]["steps"] == 1 and rows[name]["captions_per_s"] > 0 and rows[name]["error"] is None
+    assert rows["never"]["error"] == "stopped by SIGTERM before its timed steps"
+    assert all(r["stopped_by"] == "SIGTERM" for r in rows.values())
+    assert "stopped by SIGTERM; the rows above are what was measured" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) == handler  # the bench's handler is gone again
 
 
 def test_a_preset_that_runs_out_of_memory_releases_its_model(captions, tmp_path, monkeypatch):

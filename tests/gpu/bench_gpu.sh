@@ -13,6 +13,8 @@
 #   maths           the CUDA tests: packed batches (varlen and blocks) = the padded batch in bf16;
 #                   radtrain's packed attention forward = transformers' on the varlen kernel;
 #                   FlexAttention's packed step = the block attention's
+#   flex            `radtrain bench`, base, batch 512 packed: data.packed_attention=flex
+#                   (FlexAttention with per-caption block masks) against the varlen kernel, eager
 #   compile_time    cold start and step time, eager vs compiled layer by layer (batch 512, base),
 #                   and the warm start from a filled Inductor cache
 #   compile         `radtrain bench`, base: seed, batch 512 eager vs compiled, batch 128 compiled,
@@ -20,8 +22,8 @@
 #   attention       one attention call (fwd + bwd, base shape, batch 512 of real lengths): the varlen
 #                   kernel vs block attention vs FlexAttention with a per-caption block mask
 #                   (several captions per tile: the base MFU floor), compile and mask-build times
-#   flex            `radtrain bench`, base, batch 512: data.packed_attention=flex (FlexAttention with
-#                   per-caption block masks) against the varlen kernel, eager and compiled
+#   flex_compiled   the same, flex compiled with the layers (own process: a slow cold compile
+#                   costs only its own row)
 #   packed_forward  radtrain's packed attention forward vs transformers' (base, batch 512)
 #   cls_base        base: seed, fast, batch 512 packed with the varlen kernel and with block
 #                   attention (a preset that runs out of memory is reported as such; the others
@@ -43,11 +45,15 @@ BUDGET=${BUDGET:-500}
 DEADLINE=${RADTRAIN_GPU_DEADLINE:-$(($(date +%s) + BUDGET))}
 # A fresh folder per call: a rerun on a still-warm machine must not report (or resume!) the
 # previous call's runs.
-WORK=${WORK:-$(mktemp -d /tmp/radtrain-gpu.XXXXXX)}
+if [ -z "${WORK:-}" ]; then
+  WORK=$(mktemp -d /tmp/radtrain-gpu.XXXXXX)
+  trap 'rm -rf "$WORK"' EXIT  # every step's log and JSON is in $OUT/results.tar by then
+fi
 PY=${PY:-python3}  # tests/gpu/device_run.sh sets it to the interpreter that has torch
 BASE=${BASE:-scratch:base} LARGE=${LARGE:-scratch:large} STEPS=${STEPS:-20}  # smaller: a CPU dry run
 ATTN_BATCH=${ATTN_BATCH:-512}  # a CPU dry run: 32 (eager FlexAttention there builds the dense T x T scores)
 START=$SECONDS
+KILL_AFTER=15
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 mkdir -p "$OUT" "$WORK"
 [ -f "$DATA" ] && DATA=$(realpath "$DATA")
@@ -59,14 +65,15 @@ step() {  # step NAME LIMIT_S COMMAND...: skipped unless half its limit (>= 20 s
   local name=$1 limit=$2 left t0 rc
   shift 2
   case " ${ONLY:-$name} " in *" $name "*) ;; *) return 0 ;; esac  # ONLY="versions cls_base ...": a subset
-  left=$((DEADLINE - $(date +%s) - 5))
+  left=$((DEADLINE - $(date +%s) - 5 - KILL_AFTER))
   if [ "$left" -lt 20 ] || [ "$left" -lt $((limit / 2)) ]; then
     echo "$name skipped: ${left}s of budget left, it needs ~$((limit / 2))s" | tee -a "$OUT/steps.txt"
     return 0
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   t0=$SECONDS
-  timeout -k 3 "$limit" bash -c '"$@"' "$name" "$@" >"$WORK/$name.log" 2>&1
+  # SIGTERM at the limit: `radtrain bench` then writes the rows it measured (exit 75); KILL later.
+  timeout -k "$KILL_AFTER" "$limit" bash -c '"$@"' "$name" "$@" >"$WORK/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/steps.txt"
   tail -n 12 "$WORK/$name.log"
@@ -104,7 +111,14 @@ B=data.packed_attention=blocks
 # The maths first: a benchmark of a path that computes something else would be worthless.
 step maths 90 "$PY" -m pytest -q -p no:cacheprovider --basetemp="$WORK/pytest" tests/test_bench.py \
   tests/test_packed_attention.py -k "cuda or seed_loss or real_step or mlm or rotary or waits or filler"
-# First the open question of 2026-11-27: what compiling layer by layer costs (cold start) and gains.
+# The lease's first question (session 8): data.packed_attention=flex (FlexAttention, per-caption
+# block masks, several captions per tile) against the varlen kernel in a whole training step.
+# Packing asked for (a GPU in bf16 packs anyway): where it cannot run, the step fails instead of
+# timing padded rows under a flex label.
+F=data.packed_attention=flex P=data.packing=on
+step flex 150 bench flex --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets "" \
+  --variant b512:train.batch_size=512,$P --variant b512_flex:train.batch_size=512,$P,$F
+# Then the open question of 2026-11-27: what compiling layer by layer costs (cold start) and gains.
 step compile_time 260 "$PY" tests/gpu/compile_time.py --data "$DATA" --model "$BASE" --batch 512 --steps 10 \
   --modes eager,layers,layers --timeout 90 --out "$WORK/compile_time.json"
 step compile 150 bench compile --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets seed \
@@ -113,11 +127,10 @@ step compile 150 bench compile --model "$BASE" --steps "$STEPS" --warmup 3 --rou
   --variant b512_exact:train.batch_size=512,data.pad_to_multiple_of=1
 # Is an attention with several captions per tile faster than the varlen kernel (the base floor)?
 step attention 150 "$PY" tests/gpu/attention_probe.py --data "$DATA" --batch "$ATTN_BATCH" --json "$WORK/attention.json"
-# The same question in a whole training step: data.packed_attention=flex against the varlen kernel.
-F=data.packed_attention=flex
-step flex 150 bench flex --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets "" \
-  --variant b512:train.batch_size=512 --variant b512_flex:train.batch_size=512,$F \
-  --variant b512_flex_compiled:train.batch_size=512,$F,train.compile=true
+# FlexAttention compiled with the whole layer (a cold Inductor compile of base with Triton's flex
+# templates, never timed): a step of its own, after the eager pair, so a slow compile costs no rows.
+step flex_compiled 150 bench flex_compiled --model "$BASE" --steps "$STEPS" --warmup 3 --rounds 2 --presets "" \
+  --variant b512:train.batch_size=512,$P --variant b512_flex_compiled:train.batch_size=512,$P,$F,train.compile=true
 # radtrain's packed attention forward against transformers' own (same batches, same weights).
 step packed_forward 90 "$PY" tests/gpu/packed_forward.py --data "$DATA" --model "$BASE" --steps "$STEPS" \
   --json "$WORK/packed_forward.json" train.batch_size=512 data.min_label_count=10

@@ -20,6 +20,7 @@ Without CUDA it exits with status 2 and says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         # would hold GPU memory through the next mode's measurement).
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
+        # ...which the step's `timeout` (SIGTERM to bench_gpu.sh's process group) no longer reaches:
+        # take the launcher's group down with this process, or it trains on through the next step.
+        signal.signal(signal.SIGTERM, lambda signum, frame, pgid=proc.pid: _end_with_group(pgid, signum))
         try:
             out, _ = proc.communicate(timeout=args.timeout)
             line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_RESULT ")), None)
@@ -179,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {mode} | {r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | "
                   f"{r['captions_per_s']:.0f} | {r['real_tokens_per_s']:.0f} |")
     return 0 if all("error" not in r for r in results["modes"].values()) else 1
+
+
+def _end_with_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

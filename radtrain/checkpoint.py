@@ -9,7 +9,6 @@ costs at most the steps since the previous checkpoint. Rotation keeps ``train.sa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import NoReturn
 import torch
 
 from radtrain import faults
-from radtrain.io import apply_umask
+from radtrain.io import apply_umask, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +97,6 @@ def _manifest_for(directory: Path) -> dict[str, int]:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-
-
-def _sha256(path: Path) -> str:
-    # ~1 GB/s: a ModernBERT-base checkpoint (weights + Adam moments, ~1.8 GB) costs ~2 s to hash,
-    # next to minutes of training between checkpoints. Sizes alone miss garbage of the same size.
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -269,7 +258,7 @@ class CheckpointManager:
         """Deep check before loading: every file's sha256 against the manifest. (Listing and
         rotation check sizes only, which is cheap; this reads every byte once.)"""
         for rel, expected in info.manifest.get("sha256", {}).items():
-            if _sha256(info.path / rel) != expected:
+            if sha256_file(info.path / rel) != expected:
                 raise CheckpointError(f"{info.path / rel} does not match its checksum in {MANIFEST} (corrupted)")
 
     def load_state(self, info: CheckpointInfo) -> TrainerState:
@@ -322,7 +311,7 @@ class CheckpointManager:
                     "global_step": state.global_step,
                     "written_at": time.time(),
                     "files": files,
-                    "sha256": {rel: _sha256(tmp / rel) for rel in files},
+                    "sha256": {rel: sha256_file(tmp / rel) for rel in files},
                 }
                 with open(tmp / MANIFEST, "w") as handle:
                     json.dump(manifest, handle)

@@ -85,9 +85,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         column = args.text_column or export_text_column(args.model)
         texts = itertools.chain(texts, read_texts(args.input, column))
     first = next(texts, None)
+    if first is None and args.input:
+        raise ConfigError(f"predict: --input {args.input} holds no texts")
     if first is None:
         raise ConfigError("predict: give texts as arguments or --input FILE (.jsonl/.csv/... with the model's text "
-                          "column, 'text' or 'caption'; or .txt, one text per line)")
+                          "column, 'text' or 'caption'; .txt, one text per line; - for standard input)")
     # Streamed: one line per text as its chunk is scored, whatever the input's size.
     try:
         for line in predict_lines(args.model, itertools.chain([first], texts), threshold=args.threshold,
@@ -137,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="data source (default: the one the model was trained on, cut into the run's splits); "
         "any other single file is a held-out set: every caption of it is scored",
     )
-    ev.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    ev.add_argument(
+        "--split", choices=("train", "validation", "test"),
+        help="which of the run's splits to score (default test); not for a --data file other than the run's own, "
+        "which is scored whole",
+    )
     ev.add_argument("--output", help="write the metrics as JSON here")
     ev.add_argument("--threshold", type=probability, help="override the export's decision thresholds")
     ev.add_argument("overrides", nargs="*", help="data.* overrides (e.g. data.text_column=text)")

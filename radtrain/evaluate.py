@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
-from radtrain.config import ConfigError, RunConfig, load_config, parse_override
+from radtrain.config import ConfigError, DataConfig, RunConfig, load_config, parse_override
 from radtrain.data.labels import LabelSpace
 from radtrain.data.sources import load_file, load_splits
 from radtrain.export import LABELS_FILE, read_meta
-from radtrain.io import check_output_file, read_json, write_json
+from radtrain.io import check_output_file, read_json, sha256_file, write_json
 
 
 def export_config(meta: dict[str, Any], source: str | None, overrides: list[str] | None = None) -> RunConfig:
     """The data settings the export was trained with (its radtrain.json), so splits and padding
     match the run."""
     data = meta.get("data", {})
-    base: dict[str, Any] = {"data": {k: v for k, v in data.items() if v is not None}}
+    # Settings only: radtrain.json also records facts about the data (source_sha256).
+    settings = {f.name for f in dataclasses.fields(DataConfig)}
+    base: dict[str, Any] = {"data": {k: v for k, v in data.items() if v is not None and k in settings}}
     if source:
         base["data"]["source"] = source
     return load_config(None, overrides, base=base)
@@ -25,7 +29,7 @@ def export_config(meta: dict[str, Any], source: str | None, overrides: list[str]
 def evaluate_model(
     model_dir: str | Path,
     source: str | None,
-    split: str = "test",
+    split: str | None = None,
     output: str | Path | None = None,
     overrides: list[str] | None = None,
     threshold: float | None = None,
@@ -59,7 +63,8 @@ def evaluate_model(
     if not source and trained_on.startswith("local:"):
         raise ConfigError(
             f"{model_dir} was trained on a local file ({trained_on[len('local:'):]}) that a published export does not "
-            "name in full; pass the data to score with --data FILE"
+            "name in full; pass it with --data FILE (that file, at any path, is cut into the run's splits and --split "
+            "is scored; any other file is scored whole)"
         )
     label_space = LabelSpace.load(model_dir / LABELS_FILE)
     id2label = read_json(model_dir / "config.json").get("id2label") or {}
@@ -78,11 +83,17 @@ def evaluate_model(
     cfg = export_config(meta, source, overrides)
     held_out = _held_out_file(meta, source)
     if held_out:
+        if split is not None:
+            print(
+                f"radtrain evaluate: --split {split} does not apply: {source} is not the file the model was trained "
+                "on, so all of it is scored (as 'held-out')", file=sys.stderr,
+            )
         split = "held-out"
         # A file of its own, not the run's data: every caption of it is scored (cutting it into the
         # run's train/test shares would score a tenth of it; the run's sample caps do not apply).
         captions = load_file(cfg.data)
     else:
+        split = split or "test"
         splits = load_splits(cfg.data)
         if split not in splits:
             raise ConfigError(f"split {split!r} not found in {cfg.data.source}; available: {sorted(splits)}")
@@ -105,8 +116,13 @@ def evaluate_model(
 
 
 def _held_out_file(meta: dict[str, Any], source: str | None) -> bool:
-    """--data names a single file other than the one the model was trained on."""
-    if not source or not Path(source).expanduser().is_file():
+    """--data names a single file other than the one the model was trained on: by content where
+    the export recorded it (a copy, a download of a published model's data), else by path."""
+    path = Path(source).expanduser() if source else None
+    if path is None or not path.is_file():
         return False
-    trained_on = meta.get("data", {}).get("source")
-    return not trained_on or Path(source).expanduser().resolve() != Path(trained_on).expanduser().resolve()
+    data = meta.get("data", {})
+    if data.get("source_sha256"):
+        return sha256_file(path) != data["source_sha256"]
+    trained_on = data.get("source")
+    return not trained_on or path.resolve() != Path(trained_on).expanduser().resolve()

@@ -86,6 +86,7 @@ def export_model(
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            portable_tokenizer_config(tmp)
             if label_space is not None:
                 label_space.save(tmp / LABELS_FILE)
             if thresholds is not None:
@@ -105,6 +106,22 @@ def export_model(
         if error is None:
             error = RuntimeError("the main process failed to write the export")
         raise CheckpointError(write_failed(out_dir, error, f"The previous {out_dir.name}/ is unchanged.")) from error
+
+
+def portable_tokenizer_config(model_dir: Path) -> None:
+    """An export that transformers 4 loads too (the Hub's users run both): transformers 5 names its
+    fast tokenizer class ``TokenizersBackend``, which 4.x cannot import, where ``PreTrainedTokenizerFast``
+    means the same tokenizer.json to both; and it records how this process loaded the tokenizer
+    (``local_files_only`` under HF_HUB_OFFLINE, ``is_local``), which is no setting of the model's."""
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def read_meta(model_dir: str | Path) -> dict[str, Any]:

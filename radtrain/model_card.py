@@ -207,8 +207,10 @@ thresholds = json.load(open(hf_hub_download(repo, "thresholds.json"{rev})))
 per_label = thresholds.get("per_label") or {{}}
 
 texts = ["Axial CT of the abdomen showing a large hepatic cyst."]
-{bf16}# Truncated as in training (radtrain predict does the same); a longer text would change the scores.
-for scores in classifier(texts, truncation=True, max_length={max_length}):  # one list of {{"label": CUI, "score": probability}} per text
+# Stripped and truncated as in training (radtrain predict does the same): surrounding whitespace
+# or a longer text would change the scores.
+texts = [text.strip() for text in texts]
+{bf16}for scores in classifier(texts, truncation=True, max_length={max_length}):  # one list of {{"label": CUI, "score": probability}} per text
     predicted = [s for s in scores if s["score"] >= per_label.get(s["label"], thresholds["global"])]
     top = max(scores, key=lambda s: s["score"])
     if thresholds.get("top1") and top not in predicted:

@@ -27,7 +27,7 @@ from radtrain.data.sources import Split, load_splits
 from radtrain.data.tokens import TokenizedSplit, tokenize_texts
 from radtrain.distributed import make_accelerator
 from radtrain.export import LABELS_FILE, export_model, read_thresholds, recover_dir
-from radtrain.io import write_json, write_text
+from radtrain.io import sha256_file, write_json, write_text
 from radtrain.tasks import MLMTask, MultiLabelTask
 from radtrain.trainer import Trainer, evaluate_split
 
@@ -279,6 +279,11 @@ def _source_for_meta(source: str) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
+def _file_sha256(source: str) -> str | None:
+    path = Path(source).expanduser()
+    return sha256_file(path) if path.is_file() else None
+
+
 SPLIT_KEYS = ("validation_fraction", "test_fraction", "split_seed", "max_train_samples", "text_column")
 
 
@@ -394,6 +399,10 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         "init_from": cfg.model.init_from,
         "data": {
             "source": _source_for_meta(cfg.data.source),
+            # A single file's content: `radtrain evaluate --data` knows the run's own file (cut into
+            # its splits) from another file (scored whole) by it, at any path, and after a push,
+            # which records only the file's name.
+            "source_sha256": _file_sha256(cfg.data.source),
             "text_column": cfg.data.text_column,
             "label_column": cfg.data.label_column,
             "label_delimiter": cfg.data.label_delimiter,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -93,8 +94,10 @@ class Predictor:
         probs = self.probabilities(texts, batch_size)
         results = []
         decisions = apply_thresholds(probs, self.thresholds, self.top1)
-        for row, decided in zip(probs, decisions, strict=True):
-            chosen = np.flatnonzero(decided)
+        for text, row, decided in zip(texts, probs, decisions, strict=True):
+            # A blank text has no findings: no CUI, though always_top1 would emit one (the model's
+            # prior for the empty caption, which training never saw: it drops blank captions).
+            chosen = np.flatnonzero(decided) if text.strip() else np.zeros(0, dtype=np.int64)
             chosen = chosen[np.argsort(-row[chosen])]
             results.append({
                 "cuis": [
@@ -108,7 +111,11 @@ class Predictor:
 def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
     """Texts from a .jsonl file (field ``text_column``, else ``text``, else ``caption``), a
     .json/.csv/.tsv/.parquet file (the same fields, read as training reads these), or any other file as plain text (one per
-    line). Unreadable or malformed input raises DataError (exit 2) naming the file and line."""
+    line, blank lines included, so that output line N answers input line N); ``-`` is standard
+    input, as plain text. Unreadable or malformed input raises DataError (exit 2) naming the file and line."""
+    if str(path) == "-":
+        yield from (line.rstrip("\r\n") for line in sys.stdin)
+        return
     path = Path(path)
     if path.suffix.lower() in FILE_SUFFIXES and path.suffix.lower() != ".jsonl":
         yield from _table_texts(path, text_column)
@@ -121,10 +128,10 @@ def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
         number = 0
         try:
             for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
                 if path.suffix.lower() != ".jsonl":
-                    yield line.rstrip("\n")
+                    yield line.rstrip("\r\n")
+                    continue
+                if not line.strip():
                     continue
                 try:
                     row = json.loads(line)

@@ -126,6 +126,8 @@ def tune_thresholds(
     if per_label:
         tuned = {}
         for j in np.flatnonzero(support >= min_support):
+            if label_f1[:, j].max() <= 0:
+                continue  # no threshold finds one of its captions: nothing to tune, the global one stays
             best = _best_on_grid(label_f1[:, j], grid)
             n = float(support[j])
             value = (n * best + min_support * global_t) / (n + min_support)

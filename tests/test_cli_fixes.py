@@ -326,6 +326,74 @@ def test_predict_reads_upper_case_jsonl_as_jsonl(capped_run, tmp_path, capsys):
     assert [r["text"] for r in rows] == ["Axial CT of the chest."]
 
 
+def test_predict_answers_every_line_and_nothing_for_a_blank_text(capped_run, tmp_path, capsys, monkeypatch):
+    """Session 9 hunt: a blank line of a .txt --input was skipped (output line N no longer answered
+    input line N); a blank text got a CUI under always_top1; `--input -` was not standard input;
+    an empty --input file was reported as no --input at all."""
+    import io
+
+    best = capped_run / "run" / "best"
+    top1 = tmp_path / "top1"
+    shutil.copytree(best, top1)
+    thresholds = json.loads((top1 / "thresholds.json").read_text()) if (top1 / "thresholds.json").is_file() else {}
+    (top1 / "thresholds.json").write_text(json.dumps({**thresholds, "global": 0.999, "per_label": None, "top1": True}))
+    lines = tmp_path / "in.txt"
+    lines.write_bytes(b"Chest x-ray.\r\n\r\nCT of the head.\r\n")
+    assert main(["predict", "--model", str(top1), "--input", str(lines)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in rows] == ["Chest x-ray.", "", "CT of the head."]
+    assert [len(r["cuis"]) for r in rows] == [1, 0, 1]  # top1 for a caption, nothing for no caption
+    monkeypatch.setattr("sys.stdin", io.StringIO("Axial CT of the chest.\n"))
+    assert main(["predict", "--model", str(best), "--input", "-"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in rows] == ["Axial CT of the chest."]
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["predict", "--model", str(best), "--input", str(tmp_path / "empty.txt")]) == 2
+    assert f"--input {tmp_path / 'empty.txt'} holds no texts" in capsys.readouterr().err
+
+
+def test_evaluate_knows_the_runs_own_file_by_content(capped_run, tmp_path, monkeypatch, capsys):
+    """Session 9 hunt: a copy of the training file (a download, for a published model, which names
+    it only as local:NAME) was scored whole as 'held-out', training captions included, and the
+    --split asked for was dropped without a word."""
+    best = capped_run / "run" / "best"
+    monkeypatch.setenv("RADTRAIN_CACHE", str(capped_run / "cache"))
+    summary = json.loads((capped_run / "run" / "summary.json").read_text())
+    copy = tmp_path / "download" / "roco.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(capped_run / "roco.jsonl", copy)
+    published = tmp_path / "published"
+    shutil.copytree(best, published)
+    meta = json.loads((published / "radtrain.json").read_text())
+    assert len(meta["data"]["source_sha256"]) == 64
+    (published / "radtrain.json").write_text(json.dumps({**meta, "data": {**meta["data"], "source": "local:roco.jsonl"}}))
+    for model in (best, published):
+        out = tmp_path / f"{model.name}.json"
+        assert main(["evaluate", "--model", str(model), "--data", str(copy), "--split", "test", "--output", str(out)]) == 0
+        written = json.loads(out.read_text())
+        assert written["split"] == "test" and written["captions"] == summary["split_sizes"]["test"]
+        assert written["f1"] == pytest.approx(summary["test"]["f1"], abs=1e-6)
+    held_out = write_roco_slice(tmp_path / "held_out.jsonl", 30, start=2000)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(published), "--data", str(held_out), "--split", "validation"]) == 0
+    assert "--split validation does not apply" in capsys.readouterr().err
+
+
+def test_exports_load_with_transformers_4_tokenizer_classes(capped_run):
+    """transformers 5 saved tokenizer_class 'TokenizersBackend' (transformers 4 cannot import it:
+    a pushed model failed to load there) and this process's local_files_only=True."""
+    from transformers import AutoTokenizer
+
+    best = capped_run / "run" / "best"
+    config = json.loads((best / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "local_files_only" not in config and "is_local" not in config
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    reference = AutoTokenizer.from_pretrained(capped_run / "run" / "tokenizer")
+    texts = ["Axial CT of the chest showing a [MASK] nodule.", "Chest radiograph."]
+    assert tokenizer(texts, padding=True)["input_ids"] == reference(texts, padding=True)["input_ids"]
+
+
 def test_evaluate_uses_the_precision_the_run_evaluated_in(capped_run, tmp_path, monkeypatch, capsys):
     """On a GPU train.precision=auto is bf16: an fp32 run's export was re-evaluated in bf16 and
     gave other figures than the run's. The export records the precision; evaluate uses it."""

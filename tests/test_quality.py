@@ -103,6 +103,11 @@ def test_threshold_shrinkage_and_top1():
     g = strict["global"]
     for cui, value in (strict["per_label"] or {}).items():  # a strong prior pulls toward the global
         assert abs(value - g) <= abs(loose["per_label"][cui] - loose["global"]) + 1e-6
+    # A label no grid threshold finds (its positives all score under the grid, as rare labels of an
+    # early model do) kept the middle of the grid (~0.49, shrunk), not the global threshold.
+    unseen = probs.copy()
+    unseen[:, 0] = np.where(labels[:, 0] > 0, 0.01, 0.005)
+    assert cuis[0] not in (tune_thresholds(unseen, labels, cuis, min_support=1)["per_label"] or {})
     top1 = tune_thresholds(probs, labels, cuis, top1=True)
     pred = apply_thresholds(probs, np.full(len(cuis), 0.99), True)
     assert top1["top1"] and (pred.sum(1) >= 1).all()

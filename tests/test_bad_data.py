@@ -518,3 +518,81 @@ def test_tfidf_baseline_without_a_shared_word_is_a_data_error(tmp_path, capsys):
     assert main(["baseline", "--data", str(data), "--features", "tfidf", "--output-dir", str(tmp_path / "o"),
                  "data.min_label_count=1"]) == 2
     assert "--features model" in capsys.readouterr().err
+
+
+def test_labels_of_a_csv_written_by_pandas_or_datasets_keep_their_cuis(tmp_path):
+    """Session 9 hunt: `Dataset.to_csv` / pandas write a list column as numpy's repr,
+    "['C1' 'C2' ...]" wrapped over lines; literal_eval joined it into ONE label 'C1C2...', and the
+    run trained on a label space of such strings, exit 0."""
+    import datasets
+
+    rows = real_rows(40)
+    table = datasets.Dataset.from_list([{"caption": r["caption"], "cui": r["cui"]} for r in rows])
+    table.to_csv(str(tmp_path / "train.csv"), index=False)
+    assert "' '" in (tmp_path / "train.csv").read_text()  # the repr this test is about
+    split = load_splits(DataConfig(source=str(tmp_path), validation_fraction=0.1))
+    expected = {r["caption"]: r["cui"] for r in rows}
+    for text, labels in zip(split["train"].texts, split["train"].labels, strict=True):
+        assert labels == list(dict.fromkeys(expected[text]))
+
+
+def test_a_split_reads_its_own_files_only(tmp_path, caplog):
+    """Session 9 hunt: any name starting 'train_'/'train.'/'test_' was read into that split
+    (an old copy train_v1.jsonl doubled the training data; test_metrics.json broke the run)."""
+    rows = real_rows(120)
+    split_dir(tmp_path, rows[:80], rows[80:100], rows[100:])
+    write_jsonl(tmp_path / "train_v1.jsonl", rows[:50])
+    (tmp_path / "test_metrics.json").write_text('{"f1": 0.5}')
+    with caplog.at_level(logging.WARNING, logger="radtrain.data.sources"):
+        splits = load_splits(DataConfig(source=str(tmp_path)))
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [80, 20, 20]
+    assert "train_v1.jsonl" in caplog.text and "test_metrics.json" in caplog.text
+    write_jsonl(tmp_path / "train.csv", [])  # two files of one split: which one is meant?
+    with pytest.raises(DataError, match="2 files for the train split"):
+        load_splits(DataConfig(source=str(tmp_path)))
+
+
+def test_hub_shard_names_are_split_files(tmp_path):
+    rows = real_rows(60)
+    write_jsonl(tmp_path / "train-00000-of-00002.jsonl", rows[:20])
+    write_jsonl(tmp_path / "train-00001-of-00002-0123abcd.jsonl", rows[20:40])
+    write_jsonl(tmp_path / "test-00000-of-00001.jsonl", rows[40:])
+    splits = load_splits(DataConfig(source=str(tmp_path)))
+    assert len(splits["train"]) + len(splits["validation"]) == 40 and len(splits["test"]) == 20
+
+
+def test_a_csv_row_without_its_label_field_is_an_error_not_an_unlabelled_caption(tmp_path):
+    (tmp_path / "train.csv").write_text("caption,cui\nChest x-ray,C0043299\nMRI brain without contrast\n")
+    with pytest.raises(DataError, match=r"train.csv:3: no 'cui' field"):
+        load_splits(DataConfig(source=str(tmp_path)))
+
+
+def test_a_hub_column_that_does_not_exist_is_a_data_error_naming_the_columns(tmp_path, monkeypatch, capsys):
+    """A Hub source read by column with a wrong data.text_column failed inside datasets' parquet
+    builder: a raw ArrowInvalid/DatasetGenerationError traceback, exit 1. The Hub is unreachable
+    here: the dataset id is pointed at a local repository of the Hub's layout and schema."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    rows = real_rows(30)
+    for name, part in (("train", rows[:20]), ("test", rows[20:])):
+        table = pa.table({
+            "image": [{"bytes": b"png", "path": None} for _ in part],
+            "image_id": [r["image_id"] for r in part],
+            "caption": [r["caption"] for r in part],
+            "cui": [r["cui"] for r in part],
+        })
+        pq.write_table(table, repo / f"{name}-00000-of-00001.parquet")
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: real(str(repo.parent), *a, **k))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    splits = load_splits(DataConfig(source="someorg/radiology-like"))  # the defaults read the Hub's schema
+    assert len(splits["test"]) == 10 and len(splits["train"]) + len(splits["validation"]) == 20
+    assert main(["classify", "--output-dir", str(tmp_path / "run"), "data.source=someorg/radiology-like",
+                 "data.text_column=Caption", "model.name=scratch:tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "reading the columns ['Caption', 'cui'] failed" in err and "caption" in err and "data.text_column" in err

@@ -83,6 +83,12 @@ def parse_labels(value: Any, delimiter: str, where: str) -> list[str]:
         text = value.strip()
         if not text:
             return []
+        if text.startswith("[") and "," not in text:
+            # numpy's repr of a list column, which pandas' and datasets' to_csv write: "['C1' 'C2']",
+            # wrapped over lines. literal_eval would join the adjacent strings into ONE label 'C1C2'.
+            quoted = re.findall(r"'([^']*)'|\"([^\"]*)\"", text)
+            items = [a or b for a, b in quoted] if quoted else text.strip("[]").split()
+            return parse_labels(items, delimiter, where)
         if text.startswith("["):
             try:
                 parsed = ast.literal_eval(text)
@@ -171,7 +177,9 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     "that quote (or quote the whole field, doubling the quotes inside it)"
                 )
             row.pop(None, None)  # empty trailing fields (a trailing delimiter)
-            yield where, row
+            # A row with fewer fields than the header: its missing fields are missing, as a JSON
+            # line's missing key is (a missing label field is an error, not "no labels").
+            yield where, {key: value for key, value in row.items() if value is not None}
 
 
 def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -301,12 +309,28 @@ def _warn_shared_ids(splits: dict[str, Split]) -> None:
 
 
 def _find_split_files(directory: Path) -> dict[str, list[Path]]:
+    """A split's files: ``train.jsonl`` (any supported suffix) or the Hub's shards
+    ``train-00000-of-00002[-<hash>].parquet``. Other names that start like a split's
+    (``train_v1.jsonl``, an old copy; ``test_metrics.json``; ROCOv2's ``train_captions.csv``) are
+    not read: they would be added to the split silently. They are named in a warning."""
     found: dict[str, list[Path]] = {}
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
     for split, aliases in SPLIT_ALIASES.items():
-        # train.jsonl, train-00000-of-00002.parquet, data/train_*.csv ...
-        pattern = re.compile(rf"^({'|'.join(aliases)})([-_.].*)?$", re.IGNORECASE)
+        names = "|".join(aliases)
+        pattern = re.compile(rf"^({names})(-\d+-of-\d+(-[0-9a-f]+)?)?$", re.IGNORECASE)
+        lookalike = re.compile(rf"^({names})[-_.]", re.IGNORECASE)
         matches = [p for p in files if pattern.match(p.stem)]
+        ignored = [p.name for p in files if lookalike.match(p.stem) and p not in matches]
+        if ignored:
+            log.warning(
+                "%s: not read as %s data: %s (a split's files are named %s.jsonl/.csv/... or %s-00000-of-0000N.parquet; "
+                "rename the ones you mean)", directory, split, ", ".join(ignored), aliases[0], aliases[0],
+            )
+        plain = [p for p in matches if "-of-" not in p.stem]
+        if len(plain) > 1:
+            raise DataError(
+                f"{directory}: {len(plain)} files for the {split} split ({', '.join(p.name for p in plain)}); keep one"
+            )
         if matches:
             found[split] = matches
     data_dir = directory / "data"
@@ -357,6 +381,14 @@ def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
                 cfg.source, exc, columns,
             )
             dataset_dict = datasets.load_dataset(cfg.source)
+    except datasets.exceptions.DatasetGenerationError as exc:
+        # A column selection naming a column the dataset lacks fails inside the parquet reader
+        # (pyarrow's "No match for FieldRef.Name(...)"), whose message lists the dataset's columns.
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise DataError(
+            f"data.source={cfg.source!r}: reading the columns {columns} failed: {str(cause)[:600]}. "
+            "Set data.text_column / data.label_column / data.label_name_column to the dataset's column names."
+        ) from exc
     except ConnectionError as exc:  # HF_HUB_OFFLINE=1 and not cached (or no network): say what to fetch
         raise DataError(
             f"data.source={cfg.source!r}: {exc}. Offline? Run `radtrain prefetch --data {cfg.source}` (same data.* "

@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, help="an export directory (a run's best/)")
     pr.add_argument("--threshold", type=probability, help="override the export's decision thresholds")
     pr.add_argument(
-        "--input", help=".jsonl/.json/.csv/.tsv/.parquet (the text column, else 'text') or .txt (one text per line)"
+        "--input",
+        help=".jsonl/.json/.csv/.tsv/.parquet (the text column, else 'text'), .txt (one text per line, blank ones "
+        "included), or - for standard input (one text per line)",
     )
     pr.add_argument("--text-column", help="the --input field holding the text (default: the one the model was trained on)")
     pr.add_argument("--batch-size", type=positive_int, default=32)

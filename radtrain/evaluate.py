@@ -18,7 +18,7 @@ def export_config(meta: dict[str, Any], source: str | None, overrides: list[str]
     """The data settings the export was trained with (its radtrain.json), so splits and padding
     match the run."""
     data = meta.get("data", {})
-    # Settings only: radtrain.json also records facts about the data (source_sha256).
+    # Settings only (a later radtrain may record more about the data there).
     settings = {f.name for f in dataclasses.fields(DataConfig)}
     base: dict[str, Any] = {"data": {k: v for k, v in data.items() if v is not None and k in settings}}
     if source:
@@ -61,10 +61,15 @@ def evaluate_model(
     meta = read_meta(model_dir)
     trained_on = str(meta.get("data", {}).get("source") or "")
     if not source and trained_on.startswith("local:"):
+        known = (
+            "that file, at any path, is cut into the run's splits and --split is scored; any other file is scored whole"
+            if meta.get("data_sha256")
+            else "a file is scored whole: this export predates radtrain's record of its data file's content, so the "
+            "run's own file cannot be told from another"
+        )
         raise ConfigError(
             f"{model_dir} was trained on a local file ({trained_on[len('local:'):]}) that a published export does not "
-            "name in full; pass it with --data FILE (that file, at any path, is cut into the run's splits and --split "
-            "is scored; any other file is scored whole)"
+            f"name in full; pass the data to score with --data FILE ({known})"
         )
     label_space = LabelSpace.load(model_dir / LABELS_FILE)
     id2label = read_json(model_dir / "config.json").get("id2label") or {}
@@ -86,7 +91,7 @@ def evaluate_model(
         if split is not None:
             print(
                 f"radtrain evaluate: --split {split} does not apply: {source} is not the file the model was trained "
-                "on, so all of it is scored (as 'held-out')", file=sys.stderr,
+                "on (or cannot be told from it), so all of it is scored (as 'held-out')", file=sys.stderr,
             )
         split = "held-out"
         # A file of its own, not the run's data: every caption of it is scored (cutting it into the
@@ -117,12 +122,22 @@ def evaluate_model(
 
 def _held_out_file(meta: dict[str, Any], source: str | None) -> bool:
     """--data names a single file other than the one the model was trained on: by content where
-    the export recorded it (a copy, a download of a published model's data), else by path."""
-    path = Path(source).expanduser() if source else None
+    the export recorded it (a copy, a download of a published model's data), else by path. The
+    run's own path with other content is refused: its splits would not be the run's, and scoring
+    it whole would score training captions as held-out."""
+    trained_on = meta.get("data", {}).get("source")
+    own = Path(trained_on).expanduser() if trained_on and not trained_on.startswith("local:") else None
+    path = Path(source).expanduser() if source else own
     if path is None or not path.is_file():
         return False
-    data = meta.get("data", {})
-    if data.get("source_sha256"):
-        return sha256_file(path) != data["source_sha256"]
-    trained_on = data.get("source")
-    return not trained_on or path.resolve() != Path(trained_on).expanduser().resolve()
+    same_path = own is not None and path.resolve() == own.resolve()
+    recorded = meta.get("data_sha256")
+    if recorded and sha256_file(path) != recorded:
+        if same_path:
+            raise ConfigError(
+                f"{path} changed since the run trained on it (its sha256 differs from the one in radtrain.json): "
+                "cut again, its splits would not be the run's. Restore the file, or score a copy of it elsewhere "
+                "with --data COPY (scored whole, as held-out)"
+            )
+        return True
+    return source is not None and not recorded and not same_path

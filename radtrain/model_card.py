@@ -210,11 +210,12 @@ texts = ["Axial CT of the abdomen showing a large hepatic cyst."]
 # Stripped and truncated as in training (radtrain predict does the same): surrounding whitespace
 # or a longer text would change the scores.
 texts = [text.strip() for text in texts]
-{bf16}for scores in classifier(texts, truncation=True, max_length={max_length}):  # one list of {{"label": CUI, "score": probability}} per text
+{bf16}results = classifier(texts, truncation=True, max_length={max_length})  # per text, a list of {{"label": CUI, "score": probability}}
+for text, scores in zip(texts, results):
     predicted = [s for s in scores if s["score"] >= per_label.get(s["label"], thresholds["global"])]
     top = max(scores, key=lambda s: s["score"])
-    if thresholds.get("top1") and top not in predicted:
-        predicted.append(top)  # the decision rule always emits the most probable CUI
+    if thresholds.get("top1") and text and top not in predicted:
+        predicted.append(top)  # the decision rule emits the most probable CUI of any non-blank text
     print(predicted)
 ```
 '''

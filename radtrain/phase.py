@@ -397,12 +397,12 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         "task": phase,
         "base_model": cfg.model.name,
         "init_from": cfg.model.init_from,
+        # A single file's content: `radtrain evaluate --data` knows the run's own file (cut into its
+        # splits) from another file (scored whole) by it, at any path, and after a push, which
+        # records only the file's name. Outside "data", whose keys older radtrain reads as settings.
+        "data_sha256": _file_sha256(cfg.data.source),
         "data": {
             "source": _source_for_meta(cfg.data.source),
-            # A single file's content: `radtrain evaluate --data` knows the run's own file (cut into
-            # its splits) from another file (scored whole) by it, at any path, and after a push,
-            # which records only the file's name.
-            "source_sha256": _file_sha256(cfg.data.source),
             "text_column": cfg.data.text_column,
             "label_column": cfg.data.label_column,
             "label_delimiter": cfg.data.label_delimiter,

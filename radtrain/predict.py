@@ -6,6 +6,7 @@ model predicts the same CUIs here, after ``radtrain evaluate`` and after a push 
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import sys
@@ -108,13 +109,30 @@ class Predictor:
         return results
 
 
+def _stdin_lines() -> Iterator[str]:
+    """Standard input, one text per line, decoded here strictly: the interpreter's own decoding
+    passes undecodable bytes on as surrogates, which the tokenizer then fails on with a traceback."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    stream = io.TextIOWrapper(buffer, encoding="utf-8") if buffer is not None else sys.stdin
+    number = 0
+    try:
+        for line in stream:
+            number += 1
+            yield line.rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"standard input: line {number + 1} is not UTF-8 text ({exc.reason})") from exc
+    finally:
+        if buffer is not None:
+            stream.detach()  # sys.stdin keeps its buffer
+
+
 def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
     """Texts from a .jsonl file (field ``text_column``, else ``text``, else ``caption``), a
     .json/.csv/.tsv/.parquet file (the same fields, read as training reads these), or any other file as plain text (one per
     line, blank lines included, so that output line N answers input line N); ``-`` is standard
     input, as plain text. Unreadable or malformed input raises DataError (exit 2) naming the file and line."""
     if str(path) == "-":
-        yield from (line.rstrip("\r\n") for line in sys.stdin)
+        yield from _stdin_lines()
         return
     path = Path(path)
     if path.suffix.lower() in FILE_SUFFIXES and path.suffix.lower() != ".jsonl":

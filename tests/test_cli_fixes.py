@@ -347,6 +347,10 @@ def test_predict_answers_every_line_and_nothing_for_a_blank_text(capped_run, tmp
     assert main(["predict", "--model", str(best), "--input", "-"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["text"] for r in rows] == ["Axial CT of the chest."]
+    # Bytes that are not UTF-8 on standard input: a DataError (exit 2), as the same bytes in a file.
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\xfe bad\n")))
+    assert main(["predict", "--model", str(best), "--input", "-"]) == 2
+    assert "standard input: line" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
     assert main(["predict", "--model", str(best), "--input", str(tmp_path / "empty.txt")]) == 2
     assert f"--input {tmp_path / 'empty.txt'} holds no texts" in capsys.readouterr().err
@@ -365,7 +369,7 @@ def test_evaluate_knows_the_runs_own_file_by_content(capped_run, tmp_path, monke
     published = tmp_path / "published"
     shutil.copytree(best, published)
     meta = json.loads((published / "radtrain.json").read_text())
-    assert len(meta["data"]["source_sha256"]) == 64
+    assert len(meta["data_sha256"]) == 64
     (published / "radtrain.json").write_text(json.dumps({**meta, "data": {**meta["data"], "source": "local:roco.jsonl"}}))
     for model in (best, published):
         out = tmp_path / f"{model.name}.json"
@@ -377,6 +381,21 @@ def test_evaluate_knows_the_runs_own_file_by_content(capped_run, tmp_path, monke
     capsys.readouterr()
     assert main(["evaluate", "--model", str(published), "--data", str(held_out), "--split", "validation"]) == 0
     assert "--split validation does not apply" in capsys.readouterr().err
+    # The run's own path with other content: neither the run's splits nor held-out data.
+    moved = tmp_path / "moved"
+    shutil.copytree(best, moved)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text((capped_run / "roco.jsonl").read_text() + (held_out.read_text()))
+    meta_moved = {**meta, "data": {**meta["data"], "source": str(changed)}}
+    (moved / "radtrain.json").write_text(json.dumps(meta_moved))
+    for extra in ([], ["--data", str(changed)]):
+        assert main(["evaluate", "--model", str(moved), *extra]) == 2
+        assert "changed since the run trained on it" in capsys.readouterr().err
+    # An export from before the content record: the message does not promise what cannot be done.
+    old = {k: v for k, v in json.loads((published / "radtrain.json").read_text()).items() if k != "data_sha256"}
+    (published / "radtrain.json").write_text(json.dumps(old))
+    assert main(["evaluate", "--model", str(published)]) == 2
+    assert "predates radtrain's record" in capsys.readouterr().err
 
 
 def test_exports_load_with_transformers_4_tokenizer_classes(capped_run):

@@ -237,6 +237,10 @@ def test_card_usage_snippet_runs_on_the_export(published, monkeypatch, tmp_path,
     exec(code.replace(f'"{text}"', f'"{long_text}"'), namespace)
     by_cui = {s["label"]: s["score"] for s in namespace["scores"]}
     assert np.allclose([by_cui[c] for c in cuis], predictor.probabilities([long_text])[0], atol=1e-5)
+    # A blank text: no CUI, as radtrain predict (top1 applies to captions only).
+    namespace = {}
+    exec(code.replace(f'"{text}"', '""'), namespace)
+    assert namespace["predicted"] == []
     # Surrounding whitespace (a line read with its newline): stripped, as training and predict strip it.
     namespace = {}
     exec(code.replace(f'"{text}"', json.dumps(f"  {text}\n")), namespace)

@@ -45,10 +45,8 @@ BUDGET=${BUDGET:-500}
 DEADLINE=${RADTRAIN_GPU_DEADLINE:-$(($(date +%s) + BUDGET))}
 # A fresh folder per call: a rerun on a still-warm machine must not report (or resume!) the
 # previous call's runs.
-if [ -z "${WORK:-}" ]; then
-  WORK=$(mktemp -d /tmp/radtrain-gpu.XXXXXX)
-  trap 'rm -rf "$WORK"' EXIT  # every step's log and JSON is in $OUT/results.tar by then
-fi
+OWN_WORK=0
+if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d /tmp/radtrain-gpu.XXXXXX); OWN_WORK=1; fi
 PY=${PY:-python3}  # tests/gpu/device_run.sh sets it to the interpreter that has torch
 BASE=${BASE:-scratch:base} LARGE=${LARGE:-scratch:large} STEPS=${STEPS:-20}  # smaller: a CPU dry run
 ATTN_BATCH=${ATTN_BATCH:-512}  # a CPU dry run: 32 (eager FlexAttention there builds the dense T x T scores)
@@ -73,7 +71,7 @@ step() {  # step NAME LIMIT_S COMMAND...: skipped unless half its limit (>= 20 s
   [ "$limit" -gt "$left" ] && limit=$left
   t0=$SECONDS
   # SIGTERM at the limit: `radtrain bench` then writes the rows it measured (exit 75); KILL later.
-  timeout -k "$KILL_AFTER" "$limit" bash -c '"$@"' "$name" "$@" >"$WORK/$name.log" 2>&1
+  timeout --preserve-status -k "$KILL_AFTER" "$limit" bash -c '"$@"' "$name" "$@" >"$WORK/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/steps.txt"
   tail -n 12 "$WORK/$name.log"
@@ -101,7 +99,9 @@ PY
 bench() {  # bench NAME [radtrain bench args...]
   local name=$1
   shift
-  "$PY" -m radtrain bench --data "$DATA" --json "$WORK/$name.json" "$@" data.min_label_count=10
+  # exec: the step's `timeout` then signals radtrain bench itself and waits for it to write its rows
+  # (a bash in between dies at once on SIGTERM, and the step would tar before the rows exist).
+  exec "$PY" -m radtrain bench --data "$DATA" --json "$WORK/$name.json" "$@" data.min_label_count=10
 }
 
 export -f versions bench
@@ -156,3 +156,5 @@ for f in "$WORK"/*.log; do
   echo "== $(basename "$f")"
   grep -E "^(preset|-----|seed |fast |b[0-9]|user |radtrain|transformers |\| |plain|zero|device|torch|wall|GPU busy|[0-9]+ passed|FAILED|varlen|blocks|flex|\{\"mode)" "$f" | head -20
 done
+[ "$OWN_WORK" = 1 ] && rm -rf "$WORK"  # every step's log and JSON is in $OUT/results.tar
+exit 0

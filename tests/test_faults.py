@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from radtrain.checkpoint import MANIFEST, CheckpointError, CheckpointManager, _sha256
+from radtrain.checkpoint import MANIFEST, CheckpointError, CheckpointManager
+from radtrain.io import sha256_file
 from tests.conftest import PYTHON, TINY, subprocess_env, write_roco_slice
 
 pytestmark = pytest.mark.slow
@@ -388,7 +389,7 @@ def _rewrite_manifest(step_dir: Path) -> None:
     manifest = json.loads((step_dir / MANIFEST).read_text())
     for rel in manifest["files"]:
         manifest["files"][rel] = (step_dir / rel).stat().st_size
-        manifest["sha256"][rel] = _sha256(step_dir / rel)
+        manifest["sha256"][rel] = sha256_file(step_dir / rel)
     (step_dir / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -379,8 +379,8 @@ def use_stock_attention_forward(model) -> int:
     return changed
 
 
-def _attention_dropout(model) -> float:
-    return float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+def _attention_dropout(config) -> float:
+    return float(getattr(config, "attention_dropout", 0.0) or 0.0)
 
 
 def check_before_start(
@@ -390,7 +390,7 @@ def check_before_start(
     """What ``resolve`` and ``enable`` would decide and refuse for this model's config on this
     device, checked before the run reads data, trains a tokenizer or writes anything."""
     modernbert = getattr(model_config, "model_type", None) == "modernbert"
-    dropout = float(getattr(model_config, "attention_dropout", 0.0) or 0.0)
+    dropout = _attention_dropout(model_config)
     if _packs(setting, modernbert, device, mixed_precision, attn_implementation, dropout):
         what = f"a {getattr(model_config, 'model_type', None) or type(model_config).__name__} model"
         _packed_attention_name(modernbert, what, attn_implementation, mixed_precision, attention, device, dropout)
@@ -467,7 +467,7 @@ def enable(
     encoder = _encoder(model)
     name = _packed_attention_name(
         encoder is not None, type(model).__name__, attn_implementation, mixed_precision, attention, device,
-        _attention_dropout(model),
+        _attention_dropout(model.config),
     )
     if name == ATTN_NAME:
         register()
@@ -503,7 +503,7 @@ def enable(
 def resolve(setting: str, model, device: torch.device, mixed_precision: str, attn_implementation: str | None) -> bool:
     """Whether to pack: 'on'/'off' as given; 'auto' where a varlen kernel makes it pay (CUDA in
     bf16 with flash-attn or PyTorch's varlen attention) and the model is a ModernBERT."""
-    return _packs(setting, supports_packing(model), device, mixed_precision, attn_implementation, _attention_dropout(model))
+    return _packs(setting, supports_packing(model), device, mixed_precision, attn_implementation, _attention_dropout(model.config))
 
 
 def _packs(

@@ -47,7 +47,7 @@ def setup_logging(is_main: bool) -> None:
 def resolve_precision(precision: str) -> str:
     if precision == "auto":
         # Native bf16 only (Ampere and newer): torch's default also says yes where bf16 is emulated
-        # (V100, T4), which trains slower than fp32 there.
+        # (V100, T4), which have no bf16 tensor cores and whose flash kernels packing cannot use.
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         return "bf16" if native else "no"
     return {"fp32": "no", "bf16": "bf16"}[precision]

@@ -47,6 +47,10 @@ class TrainerState:
     captions_seen: int = 0
     tokens_seen: int = 0
     train_time_s: float = 0.0
+    # Wall-clock seconds of the run's starts, each counted up to its last checkpoint (what a stopped
+    # start did after it is redone, and the time between starts is a queue's, so neither counts).
+    wall_time_s: float = 0.0
+    starts: int = 1
     history: list[dict] = field(default_factory=list)
     total_steps: int = 0  # the run's planned optimizer steps (0: written before radtrain recorded it)
     warmup_steps: int | None = None  # the run's warm-up (None: written before radtrain recorded it)

@@ -83,7 +83,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     texts: Iterator[str] = iter(args.texts)
     if args.input:
         column = args.text_column or export_text_column(args.model)
-        texts = itertools.chain(texts, read_texts(args.input, column))
+        texts = itertools.chain(texts, read_texts(args.input, column, args.input_format))
     first = next(texts, None)
     if first is None and args.input:
         raise ConfigError(f"predict: --input {args.input} holds no texts")
@@ -155,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--input",
         help=".jsonl/.json/.csv/.tsv/.parquet (the text column, else 'text'), .txt (one text per line, blank ones "
-        "included), or - for standard input (one text per line)",
+        "included), or - for standard input (one text per line; --input-format jsonl for JSON lines)",
+    )
+    pr.add_argument(
+        "--input-format", choices=("auto", "text", "jsonl"), default="auto",
+        help="auto: by the file's suffix, plain text for -; text: one text per line; jsonl: one JSON object per line",
     )
     pr.add_argument("--text-column", help="the --input field holding the text (default: the one the model was trained on)")
     pr.add_argument("--batch-size", type=positive_int, default=32)

@@ -21,7 +21,7 @@ import torch
 
 from radtrain import models, packing
 from radtrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_layout, recorded_task
-from radtrain.config import PHASES, ConfigError, RunConfig, config_differences, read_saved_config
+from radtrain.config import PHASES, ConfigError, ModelConfig, RunConfig, config_differences, read_saved_config
 from radtrain.data.labels import LabelSpace, load_name_mapping
 from radtrain.data.sources import Split, load_splits
 from radtrain.data.tokens import TokenizedSplit, tokenize_texts
@@ -51,6 +51,21 @@ def resolve_precision(precision: str) -> str:
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         return "bf16" if native else "no"
     return {"fp32": "no", "bf16": "bf16"}[precision]
+
+
+def _base_model(model_cfg: ModelConfig) -> str:
+    """The pretrained model a run's weights descend from. With model.init_from, model.name is not
+    used at all (its default would name a model the run never loaded): the base is init_from's
+    own base when it is a radtrain export, else init_from itself."""
+    from radtrain.export import read_meta
+
+    init_from = model_cfg.init_from
+    if not init_from:
+        return model_cfg.name
+    try:
+        return str(read_meta(init_from).get("base_model") or init_from)
+    except (OSError, ValueError):
+        return init_from
 
 
 def check_model_source(source: str | None, key: str = "model.init_from") -> None:
@@ -395,7 +410,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     tracker = make_tracker(cfg, accelerator, run_dir, phase)
     meta = {
         "task": phase,
-        "base_model": cfg.model.name,
+        "base_model": _base_model(cfg.model),
         "init_from": cfg.model.init_from,
         # A single file's content: `radtrain evaluate --data` knows the run's own file (cut into its
         # splits) from another file (scored whole) by it, at any path, and after a push, which
@@ -451,6 +466,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         run_dir=run_dir,
         on_best=on_best,
         tracker=tracker,
+        started=started,
     )
     trainer.resume()
     # Only now that the checkpoints (if any) are known to be this run's, on this data: a refused
@@ -479,7 +495,9 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
             "real_tokens_per_s": state.tokens_seen / max(state.train_time_s, 1e-9),
             "train_time_s": state.train_time_s,
         },
-        "wall_time_s": time.time() - started,
+        # Every start's, up to its last checkpoint (a preempted and requeued run is one run).
+        "wall_time_s": trainer.wall_time_s(),
+        "starts": state.starts,
     }
     # Free the training state before the test evaluation loads best/ fresh.
     trainer_metric = trainer.metric

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ from radtrain.data.labels import LabelSpace
 from radtrain.data.sources import FILE_SUFFIXES, DataError, read_rows
 from radtrain.export import LABELS_FILE, read_meta, read_thresholds
 from radtrain.thresholds import apply_thresholds, threshold_vector
+
+log = logging.getLogger(__name__)
 
 
 def check_export(model_dir: Path) -> None:
@@ -109,58 +112,81 @@ class Predictor:
         return results
 
 
+INPUT_FORMATS = ("auto", "text", "jsonl")
+
+
 def _stdin_lines() -> Iterator[str]:
-    """Standard input, one text per line, decoded here strictly: the interpreter's own decoding
-    passes undecodable bytes on as surrogates, which the tokenizer then fails on with a traceback."""
+    """Standard input, line by line, decoded here strictly: the interpreter's own decoding passes
+    undecodable bytes on as surrogates, which the tokenizer then fails on with a traceback."""
     buffer = getattr(sys.stdin, "buffer", None)
     stream = io.TextIOWrapper(buffer, encoding="utf-8") if buffer is not None else sys.stdin
-    number = 0
     try:
-        for line in stream:
-            number += 1
-            yield line.rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"standard input: line {number + 1} is not UTF-8 text ({exc.reason})") from exc
+        yield from stream
     finally:
         if buffer is not None:
             stream.detach()  # sys.stdin keeps its buffer
 
 
-def read_texts(path: str | Path, text_column: str = "caption") -> Iterator[str]:
-    """Texts from a .jsonl file (field ``text_column``, else ``text``, else ``caption``), a
-    .json/.csv/.tsv/.parquet file (the same fields, read as training reads these), or any other file as plain text (one per
-    line, blank lines included, so that output line N answers input line N); ``-`` is standard
-    input, as plain text. Unreadable or malformed input raises DataError (exit 2) naming the file and line."""
-    if str(path) == "-":
-        yield from _stdin_lines()
-        return
-    path = Path(path)
-    if path.suffix.lower() in FILE_SUFFIXES and path.suffix.lower() != ".jsonl":
-        yield from _table_texts(path, text_column)
-        return
+def _file_lines(path: Path) -> Iterator[str]:
     try:
         handle = path.open(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"--input {path}: cannot read ({exc.strerror or exc})") from exc
     with handle:
-        number = 0
-        try:
-            for number, line in enumerate(handle, start=1):
-                if path.suffix.lower() != ".jsonl":
-                    yield line.rstrip("\r\n")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: malformed JSON ({exc.msg}); one JSON object per line") from exc
-                text = _first_text(row, text_column) if isinstance(row, dict) else row
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{number}: no string field {_columns_text(text_column)} (--text-column)")
-                yield text
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: line {number + 1} is not UTF-8 text ({exc.reason})") from exc
+        yield from handle
+
+
+def read_texts(path: str | Path, text_column: str = "caption", input_format: str = "auto") -> Iterator[str]:
+    """Texts from a .jsonl file (field ``text_column``, else ``text``, else ``caption``), a
+    .json/.csv/.tsv/.parquet file (the same fields, read as training reads these), or any other file as
+    plain text (one per line, blank lines included, so that output line N answers input line N); ``-``
+    is standard input. ``input_format`` "text" or "jsonl" overrides what the name implies (standard
+    input is plain text unless told). Unreadable or malformed input raises DataError (exit 2) naming
+    the file and line."""
+    if input_format not in INPUT_FORMATS:
+        raise ConfigError(f"--input-format {input_format!r}: use one of {INPUT_FORMATS}")
+    stdin = str(path) == "-"
+    path = Path(path)
+    suffix = "" if stdin else path.suffix.lower()
+    if input_format == "auto" and suffix in FILE_SUFFIXES and suffix != ".jsonl":
+        yield from _table_texts(path, text_column)
+        return
+    jsonl = input_format == "jsonl" or (input_format == "auto" and suffix == ".jsonl")
+    name = "standard input" if stdin else str(path)
+    lines = _stdin_lines() if stdin else _file_lines(path)
+    number = 0
+    try:
+        for number, line in enumerate(lines, start=1):
+            line = line.rstrip("\r\n")
+            if not jsonl:
+                if stdin and number == 1 and input_format == "auto" and _is_json_object(line):
+                    log.warning(
+                        "standard input line 1 is a JSON object, scored as plain text (the whole line is the text); "
+                        "for JSON lines pass --input-format jsonl"
+                    )
+                yield line
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{name}:{number}: malformed JSON ({exc.msg}); one JSON object per line") from exc
+            text = _first_text(row, text_column) if isinstance(row, dict) else row
+            if not isinstance(text, str):
+                raise DataError(f"{name}:{number}: no string field {_columns_text(text_column)} (--text-column)")
+            yield text
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{name}: line {number + 1} is not UTF-8 text ({exc.reason})") from exc
+
+
+def _is_json_object(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _table_texts(path: Path, text_column: str) -> Iterator[str]:

@@ -161,8 +161,11 @@ class Trainer:
         run_dir: Path,
         on_best: Callable[[object, TrainerState, dict], None],
         tracker=None,
+        started: float | None = None,
     ) -> None:
         self.cfg = cfg
+        self.started = started or time.time()  # this start's: the phase's clock includes data loading
+        self.wall_time_before = 0.0  # earlier starts', from the checkpoint resumed
         self.task = task
         self.acc = accelerator
         self.train_split = train_split
@@ -319,6 +322,8 @@ class Trainer:
                     "model.init_from=<run>/best."
                 )
             self.state.total_steps = self.total_steps
+            self.state.starts += 1
+            self.wall_time_before = self.state.wall_time_s
             self._keep_checkpoint_warmup()
             self.ckpt.last_saved_step = info.step
             self._truncate_logs(self.state.global_step)
@@ -396,7 +401,7 @@ class Trainer:
             # a Ctrl-C ignored). Agreed by every rank, it stops the run here like anywhere else;
             # the rerun resumes at the end and only evaluates the test split.
             if any_rank(self.acc, self.stop.signum is not None):
-                self.ckpt.save(self.acc, self.state)  # a no-op: the last step was just saved
+                self._save_checkpoint()  # a no-op: the last step was just saved
                 raise ResumeRequested(
                     f"stopped on {self._stop_reason()} after the last step ({self.state.global_step}); checkpoint saved"
                 )
@@ -453,9 +458,9 @@ class Trainer:
                     self._evaluate_and_save()
                     last_eval_step = st.global_step
                 elif cfg.train.save_every_steps and st.global_step % cfg.train.save_every_steps == 0:
-                    self.ckpt.save(self.acc, st)
+                    self._save_checkpoint()
                 if self.stop_requested:
-                    self.ckpt.save(self.acc, st)  # a no-op when this step was just saved above
+                    self._save_checkpoint()  # a no-op when this step was just saved above
                     raise ResumeRequested(f"stopped on {self._stop_reason()} at step {st.global_step}; checkpoint saved")
 
     def _host_batches(
@@ -628,7 +633,15 @@ class Trainer:
                 self.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=st.global_step)
         if improved:
             self.on_best(self.model, st, gathered)
-        self.ckpt.save(self.acc, st)
+        self._save_checkpoint()
+
+    def wall_time_s(self) -> float:
+        """Wall-clock seconds of the run so far: earlier starts up to their last checkpoint, and this one."""
+        return self.wall_time_before + time.time() - self.started
+
+    def _save_checkpoint(self) -> None:
+        self.state.wall_time_s = self.wall_time_s()
+        self.ckpt.save(self.acc, self.state)
 
 
 def evaluate_split(

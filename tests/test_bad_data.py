@@ -596,3 +596,71 @@ def test_a_hub_column_that_does_not_exist_is_a_data_error_naming_the_columns(tmp
                  "data.text_column=Caption", "model.name=scratch:tiny"]) == 2
     err = capsys.readouterr().err
     assert "reading the columns ['Caption', 'cui'] failed" in err and "caption" in err and "data.text_column" in err
+
+
+# -- session 10: what session 9's data hunt left open ---------------------------------------------
+
+
+def test_a_lower_case_cui_is_the_same_label_and_label_words_are_reported(tmp_path, caplog):
+    """'c0040405' and 'C0040405' were two labels; 'C0040405: X-Ray CT' strings split on spaces
+    trained every word as a label, silently."""
+    rows = real_rows(60)
+    rows[0]["cui"] = [rows[0]["cui"][0].lower()]
+    split_dir(tmp_path, rows[:40], rows[40:50], rows[50:])
+    splits = load_splits(DataConfig(source=str(tmp_path)))
+    assert splits["train"].labels[0] == [rows[0]["cui"][0].upper()]
+    assert splits["train"].labels[0][0] in LabelSpace.fit(splits["train"].labels).cuis
+    assert not any(c.islower() for labels in splits["train"].labels for cui in labels for c in cui)
+
+    for row in rows:
+        row["cui"] = "; ".join(f"{cui}: X-Ray Computed Tomography" for cui in row["cui"])
+    split_dir(tmp_path, rows[:40], rows[40:50], rows[50:])
+    with caplog.at_level(logging.WARNING, logger="radtrain.data.labels"):
+        LabelSpace.fit(load_splits(DataConfig(source=str(tmp_path)))["train"].labels)
+    assert "distinct training labels are not CUIs (C and 7 digits) although others are" in caplog.text and "'X-Ray'" in caplog.text
+    assert "data.label_delimiter" in caplog.text
+
+
+def test_held_out_captions_seen_word_for_word_in_training_are_counted(roco_path, caplog):
+    """Ids differ, so no id warning; 7 validation and 5 test captions of the shared real data are
+    (case and spacing aside) training captions, e.g. 'Preoperative radiograph'."""
+    with caplog.at_level(logging.WARNING, logger="radtrain.data.sources"):
+        splits = load_splits(DataConfig(source=str(roco_path)))
+    train = {" ".join(t.casefold().split()) for t in splits["train"].texts}
+    for name in ("validation", "test"):
+        repeated = sum(" ".join(t.casefold().split()) in train for t in splits[name].texts)
+        assert repeated > 0
+        assert f"{repeated} of the {len(splits[name])} {name} captions" in caplog.text
+    assert "ids are in both" not in caplog.text
+
+
+def test_a_one_record_json_file_is_that_record(tmp_path):
+    """Its one list value (the CUIs) was taken for the list of records: 'expected an object, got str'."""
+    row = real_rows(1)[0]
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(row))
+    from radtrain.data.sources import load_file
+
+    split = load_file(DataConfig(source=str(path)))
+    assert split.texts == [row["caption"].strip()] and split.labels == [list(dict.fromkeys(row["cui"]))]
+
+
+def test_a_parquet_file_without_the_label_column_lists_all_its_columns(tmp_path):
+    """It listed only the requested columns present, hiding the one the user meant ('cuis')."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = real_rows(20)
+    pq.write_table(pa.table({"image_id": [r["image_id"] for r in rows], "caption": [r["caption"] for r in rows],
+                             "cuis": [r["cui"] for r in rows]}), tmp_path / "train.parquet")
+    with pytest.raises(DataError, match=r"column\(s\) \['cui'\] not found; columns present: \['image_id', 'caption', 'cuis'\]"):
+        load_splits(DataConfig(source=str(tmp_path)))
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    """The hint said `iconv -f latin1`, which would garble a UTF-16 file (Excel's 'Unicode text')."""
+    rows = real_rows(5)
+    path = tmp_path / "train.tsv"
+    path.write_text("caption\tcui\n" + "".join(f"{r['caption']}\t{';'.join(r['cui'])}\n" for r in rows), encoding="utf-16")
+    with pytest.raises(DataError, match="UTF-16 text, not UTF-8.*iconv -f utf-16"):
+        load_splits(DataConfig(source=str(path)))

@@ -356,6 +356,28 @@ def test_predict_answers_every_line_and_nothing_for_a_blank_text(capped_run, tmp
     assert f"--input {tmp_path / 'empty.txt'} holds no texts" in capsys.readouterr().err
 
 
+def test_predict_reads_json_lines_from_standard_input_when_told(capped_run, capsys, monkeypatch, caplog):
+    """Session 9 left open: `cat captions.jsonl | radtrain predict --input -` scored each JSON line,
+    braces and all, as one caption, silently. Now a warning says so and --input-format jsonl reads
+    the field."""
+    import io
+
+    best = str(capped_run / "run" / "best")
+    piped = '{"caption": "Axial CT of the chest.", "cui": ["C0040405"]}\n{"caption": "Chest x-ray."}\n'
+    monkeypatch.setattr("sys.stdin", io.StringIO(piped))
+    with caplog.at_level(logging.WARNING, logger="radtrain.predict"):
+        assert main(["predict", "--model", best, "--input", "-"]) == 0
+    assert "--input-format jsonl" in caplog.text
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO(piped))
+    assert main(["predict", "--model", best, "--input", "-", "--input-format", "jsonl"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in rows] == ["Axial CT of the chest.", "Chest x-ray."]
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"caption": "x"}\nnot json\n'))
+    assert main(["predict", "--model", best, "--input", "-", "--input-format", "jsonl"]) == 2
+    assert "standard input:2: malformed JSON" in capsys.readouterr().err
+
+
 def test_evaluate_knows_the_runs_own_file_by_content(capped_run, tmp_path, monkeypatch, capsys):
     """Session 9 hunt: a copy of the training file (a download, for a published model, which names
     it only as local:NAME) was scored whole as 'held-out', training captions included, and the

@@ -113,6 +113,17 @@ def test_classifier_starts_from_the_mlm_export(runs, roco_dir):
     assert model.config.num_labels == 2 and model.config.problem_type == "multi_label_classification"
 
 
+def test_a_run_from_an_mlm_export_names_that_exports_base_model(runs, roco_dir, tmp_path):
+    """radtrain.json's base_model named model.name's default (ModernBERT-base), which a run with
+    model.init_from never loads; the card resolved it, other readers of radtrain.json did not."""
+    out = tmp_path / "cls"
+    tiny = [o for o in TINY if not o.startswith("model.name=")]
+    ok(radtrain("classify", "--output-dir", str(out), f"data.source={roco_dir}", *tiny, "train.max_steps=2",
+                f"model.init_from={runs / 'mlm' / 'best'}"))
+    meta = json.loads((out / "best" / "radtrain.json").read_text())
+    assert meta["base_model"] == "scratch:tiny" and meta["init_from"] == str(runs / "mlm" / "best")
+
+
 def test_best_export_loads_with_transformers(runs):
     from transformers import AutoModelForSequenceClassification, pipeline
 

@@ -48,10 +48,13 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(tmp_path, roco_dir)
     interrupted_at = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*")
                          if (p / "COMPLETE").exists())
     assert 14 <= interrupted_at < 76
+    first_start = json.loads((killed / "checkpoints" / f"step-{interrupted_at:08d}" / "trainer_state.json").read_text())
 
+    resume_began = time.time()
     resumed = subprocess.run(command(killed, roco_dir), timeout=600, env=subprocess_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_for = time.time() - resume_began
     assert f"resumed from {killed / 'checkpoints'}" in resumed.stderr
 
     name_a, weights_a = final_weights(straight)
@@ -67,6 +70,10 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(tmp_path, roco_dir)
     summary_a = json.loads((straight / "summary.json").read_text())
     summary_b = json.loads((killed / "summary.json").read_text())
     assert summary_b["test"] == pytest.approx(summary_a["test"], abs=1e-6)
+    # wall_time_s was the last start's alone: a preempted run looked as fast as one never stopped.
+    assert (summary_a["starts"], summary_b["starts"]) == (1, 2)
+    assert first_start["wall_time_s"] > 0
+    assert first_start["wall_time_s"] < summary_b["wall_time_s"] <= first_start["wall_time_s"] + resumed_for
 
 
 def _stopped_at_step_4(run, data) -> tuple[list[str], object]:

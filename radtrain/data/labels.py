@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from radtrain.data.sources import DataError
+from radtrain.data.sources import CUI_PATTERN, DataError
 from radtrain.io import write_json
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class LabelSpace:
                 f"no labels left after data.min_label_count={min_count}: the most frequent CUI appears "
                 f"{max(counter.values(), default=0)} times in training. Lower data.min_label_count."
             )
+        _warn_non_cuis(counter)
         dropped = len(counter) - len(kept)
         if dropped:
             log.info("label space: kept %d CUIs seen >= %d times, dropped %d rarer ones", len(kept), min_count, dropped)
@@ -110,6 +111,22 @@ class LabelSpace:
             names={item["cui"]: item["name"] for item in labels if item.get("name")},
             min_count=int(data.get("min_label_count", 1)),
         )
+
+
+def _warn_non_cuis(counter: Counter) -> None:
+    """Labels that are CUIs with other strings among them are, most likely, label strings cut at the
+    wrong places ("C0040405: X-ray CT" split on spaces): each piece would train as a label. A label
+    space with no CUI at all is another vocabulary and is left alone."""
+    others = [label for label in counter if not CUI_PATTERN.fullmatch(label)]
+    if not others or not any(CUI_PATTERN.search(label) for label in counter):
+        return
+    examples = sorted(others, key=lambda label: (-counter[label], label))[:5]
+    log.warning(
+        "%d of the %d distinct training labels are not CUIs (C and 7 digits) although others are, e.g. %s "
+        "(%d occurrences in all): if they are pieces of label strings, set data.label_delimiter to what "
+        "separates the labels",
+        len(others), len(counter), ", ".join(repr(label) for label in examples), sum(counter[o] for o in others),
+    )
 
 
 def load_name_mapping(path: str | os.PathLike) -> dict[str, str]:

@@ -64,6 +64,17 @@ class Split:
         )
 
 
+# A UMLS CUI: "C" and 7 digits. A lower-case "c0040405" is the same concept as "C0040405".
+CUI_PATTERN = re.compile(r"[Cc]\d{7}")
+
+
+def _label(item: str) -> str:
+    """One label as the label space keys it: stripped, and a CUI in upper case (other
+    vocabularies' labels are kept as written)."""
+    item = item.strip()
+    return item.upper() if CUI_PATTERN.fullmatch(item) else item
+
+
 def parse_labels(value: Any, delimiter: str, where: str) -> list[str]:
     """Labels as a list, or one delimited string ('C1;C2', 'C1 C2', "['C1', 'C2']")."""
     if value is None:
@@ -75,7 +86,7 @@ def parse_labels(value: Any, delimiter: str, where: str) -> list[str]:
         for item in value:
             if not isinstance(item, str):
                 raise DataError(f"{where}: label {item!r} is not a string; labels must be CUI strings")
-            item = item.strip()
+            item = _label(item)
             if item:
                 out.append(item)
         return out
@@ -96,7 +107,7 @@ def parse_labels(value: Any, delimiter: str, where: str) -> list[str]:
                 raise DataError(f"{where}: label string {text[:60]!r} looks like a list but does not parse") from exc
             return parse_labels(parsed, delimiter, where)
         parts = re.split(r"[;,|\s]+", text) if delimiter == "auto" else text.split(delimiter)
-        return [p.strip() for p in parts if p.strip()]
+        return [_label(p) for p in parts if p.strip()]
     raise DataError(
         f"{where}: labels must be a list of strings or a delimited string, got {type(value).__name__} {value!r}"
     )
@@ -123,7 +134,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}:{number}", row
 
 
-def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _iter_json(path: Path, text_column: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         data = json.loads(path.read_text(encoding=ENCODING))
     except json.JSONDecodeError as exc:
@@ -132,6 +143,8 @@ def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield from _iter_jsonl(path)
             return
         raise DataError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg})") from exc
+    if isinstance(data, dict) and isinstance(data.get(text_column), str):
+        data = [data]  # one record (its one list value is its labels, not a list of records)
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if "data" in data and isinstance(data["data"], list):
@@ -182,12 +195,14 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield where, {key: value for key, value in row.items() if value is not None}
 
 
-def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _iter_parquet(path: Path, columns: list[str], required: int) -> Iterator[tuple[str, dict[str, Any]]]:
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(path)
     present = [c for c in columns if c in schema.names]
-    _require_columns(path, schema.names, columns[:1])
+    # Checked against the file's schema: the rows hold only the columns read, so a later check
+    # could list only those, hiding the name the user meant (e.g. "cuis").
+    _require_columns(path, schema.names, columns[:required])
     # Reading by column means an image column is never read from disk, let alone decoded.
     table = pq.read_table(path, columns=present)
     for number, row in enumerate(table.to_pylist()):
@@ -204,22 +219,23 @@ def _require_columns(where: Any, existing: Iterable[str], wanted: list[str]) -> 
         )
 
 
-def read_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_rows(path: Path, columns: list[str], required: int = 1) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) of a .jsonl/.json/.csv/.tsv/.parquet file, as training reads it; ``columns``
-    are the ones a parquet file needs to read (the first must exist)."""
-    return _rows(Path(path), columns)
+    are the ones a parquet file needs to read, the text column first; the first ``required`` of
+    them must exist."""
+    return _rows(Path(path), columns, required)
 
 
-def _rows(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _rows(path: Path, columns: list[str], required: int = 1) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _readable(path, _iter_jsonl(path))
     if suffix == ".json":
-        return _readable(path, _iter_json(path))
+        return _readable(path, _iter_json(path, columns[0]))
     if suffix in (".csv", ".tsv"):
         return _readable(path, _iter_csv(path))
     if suffix == ".parquet":
-        return _readable(path, _iter_parquet(path, columns))
+        return _readable(path, _iter_parquet(path, columns, required))
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {FILE_SUFFIXES}")
 
 
@@ -228,6 +244,11 @@ def _readable(path: Path, rows: Iterator[tuple[str, dict[str, Any]]]) -> Iterato
     try:
         yield from rows
     except UnicodeDecodeError as exc:
+        with path.open("rb") as handle:
+            if handle.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # Excel's "Unicode text" and Notepad's "Unicode"
+                raise DataError(
+                    f"{path}: UTF-16 text, not UTF-8; re-save it as UTF-8 (e.g. `iconv -f utf-16 -t utf-8`)"
+                ) from exc
         raise DataError(
             f"{path}: not UTF-8 text ({exc.reason}: byte {exc.object[exc.start:exc.start + 1]!r}); re-save it as "
             "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
@@ -293,8 +314,12 @@ def _collect(
     return Split(texts=texts, labels=labels, origin=origin, dropped_empty=len(dropped), names=names, ids=ids)
 
 
-def _warn_shared_ids(splits: dict[str, Split]) -> None:
-    """A record in two splits inflates the held-out scores; say which ones (kept as they are)."""
+def _warn_shared_records(splits: dict[str, Split]) -> None:
+    """A record in two splits inflates the held-out scores; say which ones (kept as they are).
+
+    Ids name the same record; an identical caption may be another image (ROCO has many "Chest
+    X-ray." captions), so it is counted, as the share of held-out captions a model has seen verbatim
+    in training, not called a leak."""
     names = [n for n in ("train", "validation", "test") if n in splits and splits[n].ids]
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
@@ -306,6 +331,26 @@ def _warn_shared_ids(splits: dict[str, Split]) -> None:
                     len(shared), first, splits[first].origin, second, splits[second].origin,
                     ", ".join(shared[:5]), second,
                 )
+    if "train" not in splits:
+        return
+    seen = {_caption_key(text) for text in splits["train"].texts}
+    for name in ("validation", "test"):
+        if name not in splits:
+            continue
+        held_out = splits[name].texts
+        repeated = [text for text in held_out if _caption_key(text) in seen]
+        if repeated:
+            log.warning(
+                "%d of the %d %s captions (%.1f%%) are word for word a training caption, e.g. %s: kept (another "
+                "image may share a short caption), but the model has seen those texts, and their labels may "
+                "be the training ones",
+                len(repeated), len(held_out), name, 100 * len(repeated) / len(held_out),
+                "; ".join(repr(text[:60]) for text in list(dict.fromkeys(repeated))[:3]),
+            )
+
+
+def _caption_key(text: str) -> str:
+    return " ".join(text.casefold().split())
 
 
 def _find_split_files(directory: Path) -> dict[str, list[Path]]:
@@ -412,7 +457,8 @@ def _columns(cfg: DataConfig) -> list[str]:
 
 
 def _read_file(path: Path, cfg: DataConfig, need_labels: bool) -> Split:
-    return _collect(_rows(path, _columns(cfg) + list(ID_COLUMNS)), cfg, str(path), need_labels)
+    rows = _rows(path, _columns(cfg) + list(ID_COLUMNS), required=2 if need_labels else 1)
+    return _collect(rows, cfg, str(path), need_labels)
 
 
 def load_file(cfg: DataConfig, need_labels: bool = True) -> Split:
@@ -445,7 +491,9 @@ def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
             )
         splits = {}
         for name, paths in files.items():
-            rows = (row for path in paths for row in _rows(path, columns + list(ID_COLUMNS)))
+            rows = (
+                row for path in paths for row in _rows(path, columns + list(ID_COLUMNS), 2 if need_labels else 1)
+            )
             splits[name] = _collect(rows, cfg, ", ".join(str(p) for p in paths), need_labels)
     elif source.is_file():
         splits = _split_single_file(_read_file(source, cfg, need_labels), cfg)
@@ -464,7 +512,7 @@ def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
             )
     if "validation" not in splits:
         _resplit_validation(splits, cfg)
-    _warn_shared_ids(splits)
+    _warn_shared_records(splits)
     if "test" not in splits:
         log.warning("%s has no test split: the final test evaluation will be skipped", cfg.source)
     if cfg.max_train_samples:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from radtrain import models, packing
-from radtrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_layout, recorded_task
+from radtrain.checkpoint import CheckpointError, CheckpointManager, any_rank, checkpoint_layout, recorded_task
 from radtrain.config import PHASES, ConfigError, ModelConfig, RunConfig, config_differences, read_saved_config
 from radtrain.data.labels import LabelSpace, load_name_mapping
 from radtrain.data.sources import Split, load_splits
@@ -256,6 +256,27 @@ def tokenize_split(tokenizer, split: Split, cfg: RunConfig, labels: LabelSpace |
     return tokenized
 
 
+def _main_process_thresholds(accelerator, cfg: RunConfig, gathered: dict, label_space: LabelSpace, run_dir: Path):
+    """The best model's decision thresholds, tuned on its gathered VALIDATION outputs by the main
+    process alone (it alone writes them and the per-label plot data; at 9k labels tuning takes
+    seconds that the other ranks would spend on the same sums). Other ranks get None. A failure
+    is agreed, so the other ranks raise too instead of waiting in the export's gather."""
+    from radtrain.plots import PER_LABEL_FILE
+    from radtrain.thresholds import thresholds_for_export
+
+    thresholds, error = None, None
+    if accelerator.is_main_process:
+        try:
+            thresholds = thresholds_for_export(cfg.train, gathered, label_space, run_dir / PER_LABEL_FILE)
+        except Exception as exc:  # raised below, after the other ranks know
+            error = exc
+    if any_rank(accelerator, error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError("the main process failed to tune the decision thresholds (its log says why)")
+    return thresholds
+
+
 def resolve_pos_weight(cfg: RunConfig, label_space: LabelSpace, n_train: int) -> float | list[float] | None:
     """train.pos_weight as the loss uses it. 'auto': each label's negatives/positives ratio in the
     training split (the label space's counts), capped at train.pos_weight_cap: uncapped, the
@@ -446,13 +467,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
                  "value": state.best_metric}
         thresholds = None
         if phase == "classify":
-            # Tuned on this model's gathered VALIDATION outputs only (every rank computes the same
-            # dict; only the main process writes it and the per-label plot data).
-            from radtrain.plots import PER_LABEL_FILE
-            from radtrain.thresholds import thresholds_for_export
-
-            per_label_path = run_dir / PER_LABEL_FILE if accelerator.is_main_process else None
-            thresholds = thresholds_for_export(cfg.train, gathered, label_space, per_label_path)
+            thresholds = _main_process_thresholds(accelerator, cfg, gathered, label_space, run_dir)
         export_model(accelerator, model, tokenizer, run_dir / "best", extra, label_space, thresholds)
 
     trainer = Trainer(

@@ -175,8 +175,9 @@ def plot_per_label(per_label: dict[str, Any], out: Path) -> Path:
     ax.set_xlabel("training captions with the label (log scale)")
     ax.set_ylabel("validation F1 of the label")
     hidden = int((~shown).sum())
-    ax.set_title(f"Per-label F1 against label frequency ({int(shown.sum())} labels"
-                 + (f"; {hidden} absent from validation not shown)" if hidden else ")"))
+    # Two lines: the counts on one line with the title overran a 7-inch figure and were cut.
+    ax.set_title(f"Per-label F1 against label frequency\n({int(shown.sum())} labels"
+                 + (f"; {hidden} absent from validation, not shown)" if hidden else ")"))
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()

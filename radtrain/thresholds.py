@@ -73,11 +73,39 @@ def _best_on_grid(scores: np.ndarray, grid: np.ndarray) -> float:
     return float(grid[tied[len(tied) // 2]])
 
 
-def _per_label_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    tp = (pred & truth).sum(0)
-    fp = (pred & ~truth).sum(0)
-    fn = (~pred & truth).sum(0)
-    return tp, fp, fn
+def _counts_on_grid(
+    probs: np.ndarray, truth: np.ndarray, forced: np.ndarray, grid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per grid value and label, the true positives, false positives and false negatives of the
+    rule ``prob >= grid[g]`` (or forced): shape (len(grid), n_labels) each.
+
+    One pass over the (n x L) matrix instead of one per grid value: each output gets the number
+    of grid values it clears (``rank``), counted per label into a histogram; a suffix sum then
+    gives, per grid value, how many outputs clear it. At 10k captions x 9k labels that is 3-4 s
+    instead of ~40 s. Counts are exact: the same comparisons in the grid's dtype.
+    """
+    steps = len(grid)
+    n_labels = truth.shape[1]
+    predicted = np.zeros((n_labels, steps + 1), dtype=np.int64)  # histogram of rank per label
+    hits = np.zeros((n_labels, steps + 1), dtype=np.int64)  # the same over gold positives
+    column = np.arange(n_labels, dtype=np.int64) * (steps + 1)
+    # Row chunks keep the 8-byte temporaries to ~16 MB each whatever the label count.
+    chunk = max(1, (1 << 21) // max(1, n_labels))
+    for start in range(0, len(probs), chunk):
+        block = probs[start : start + chunk].astype(grid.dtype, copy=False)
+        # side="right": grid[g] <= p for g < rank, i.e. p clears exactly the first `rank` values.
+        rank = np.searchsorted(grid, block, side="right")
+        rank[np.isnan(block)] = 0  # NaN >= t is false: a diverged output is never predicted
+        rank[forced[start : start + chunk]] = steps  # top-1 outputs are predicted at every threshold
+        flat = (rank + column).ravel()
+        predicted += np.bincount(flat, minlength=predicted.size).reshape(predicted.shape)
+        gold = truth[start : start + chunk].ravel()
+        hits += np.bincount(flat[gold], minlength=hits.size).reshape(hits.shape)
+    # cleared[:, g] = outputs with rank > g = those predicted positive at grid[g].
+    cleared = np.cumsum(predicted[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    tp = np.cumsum(hits[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    support = truth.sum(0)
+    return tp.T, (cleared - tp).T, (support[:, None] - tp).T
 
 
 def tune_thresholds(
@@ -106,19 +134,19 @@ def tune_thresholds(
         raise ValueError(f"{probs.shape[1]} label columns but {len(cuis)} CUIs")
     if min_support < 1:
         raise ValueError("min_support must be >= 1")
-    grid = DEFAULT_GRID if grid is None else np.asarray(grid, dtype=np.float32)
+    # float64: a float32 grid converts exactly, and the default grid's values stay as written.
+    grid = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
+    if len(grid) == 0 or np.any(np.diff(grid) <= 0):
+        raise ValueError("the threshold grid must be non-empty and strictly increasing")
     forced = _top1_mask(probs, top1)
 
-    # Global threshold: micro F1 over the grid. One pass per grid value over the (n x L) matrix.
-    micro = np.zeros(len(grid))
-    label_f1 = np.zeros((len(grid), truth.shape[1]))
-    for g, value in enumerate(grid):
-        pred = (probs >= value) | forced
-        tp, fp, fn = _per_label_counts(pred, truth)
-        denom = 2 * tp.sum() + fp.sum() + fn.sum()
-        micro[g] = 2 * tp.sum() / denom if denom else 0.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            label_f1[g] = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    # Global threshold: micro F1 over the grid; per-label F1 for the labels' own thresholds.
+    tp, fp, fn = _counts_on_grid(probs, truth, forced, grid)
+    tp_all, fp_all, fn_all = tp.sum(1), fp.sum(1), fn.sum(1)
+    denom = 2 * tp_all + fp_all + fn_all
+    micro = np.where(denom > 0, 2 * tp_all / np.maximum(denom, 1), 0.0)
+    label_denom = 2 * tp + fp + fn
+    label_f1 = np.where(label_denom > 0, 2 * tp / np.maximum(label_denom, 1), 0.0)
     global_t = _best_on_grid(micro, grid) if len(truth) else fixed
 
     tuned: dict[str, float] | None = None

@@ -17,7 +17,7 @@ import torch
 
 from radtrain.cli import main
 from radtrain.metrics import multilabel_metrics
-from radtrain.thresholds import apply_thresholds, threshold_vector, tune_thresholds
+from radtrain.thresholds import DEFAULT_GRID, apply_thresholds, threshold_vector, tune_thresholds
 from tests.conftest import ROCO, TINY
 
 
@@ -94,6 +94,50 @@ def test_threshold_tuning_improves_validation_macro_f1():
     assert rare and not set(rare) & set(result["per_label"])
     common = result["per_label"][cuis[0]]
     assert 0.02 <= common <= 0.95 and result["per_label"][cuis[5]] < 0.5
+
+
+def _tuned_by_brute_force(probs, labels, cuis, grid, min_support, top1):
+    """The tuning rule written plainly: every grid value scored on the whole matrix."""
+    truth = labels.astype(bool)
+    forced = np.zeros(truth.shape, dtype=bool)
+    if top1:
+        forced[np.arange(len(probs)), probs.argmax(1)] = True
+    micro, label_f1 = [], []
+    for value in grid:
+        pred = (probs >= value) | forced
+        tp, fp, fn = (pred & truth).sum(0), (pred & ~truth).sum(0), (~pred & truth).sum(0)
+        micro.append(2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1))
+        label_f1.append(np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0))
+    micro, label_f1 = np.array(micro), np.array(label_f1)
+
+    def best(scores):
+        tied = np.flatnonzero(scores >= scores.max() - 1e-12)
+        return float(grid[tied[len(tied) // 2]])
+
+    global_t = best(micro)
+    per_label = {}
+    for j in np.flatnonzero(truth.sum(0) >= min_support):
+        if label_f1[:, j].max() > 0:
+            n = float(truth[:, j].sum())
+            per_label[cuis[j]] = round((n * best(label_f1[:, j]) + min_support * global_t) / (n + min_support), 4)
+    return round(global_t, 4), per_label or None
+
+
+@pytest.mark.parametrize("top1", [False, True])
+def test_threshold_tuning_counts_exactly_what_each_grid_value_decides(top1):
+    # Outputs on the grid values themselves (>= is inclusive), ties, NaN outputs of a diverged
+    # model, and a user grid in float32: the one-pass counting must decide as a plain loop does.
+    probs, labels, cuis = _synthetic_validation(2)
+    rng = np.random.default_rng(3)
+    on_grid = rng.random(probs.shape) < 0.2
+    probs[on_grid] = rng.choice(DEFAULT_GRID, size=int(on_grid.sum()))
+    probs[rng.random(probs.shape) < 0.01] = np.nan
+    for grid in (DEFAULT_GRID, np.array([0.1, 0.3, 0.5, 0.7], dtype=np.float32)):
+        result = tune_thresholds(probs, labels, cuis, min_support=3, top1=top1, grid=grid)
+        expected = _tuned_by_brute_force(probs.astype(np.float32), labels, cuis, grid, 3, top1)
+        assert (result["global"], result["per_label"]) == expected
+    with pytest.raises(ValueError, match="strictly increasing"):
+        tune_thresholds(probs, labels, cuis, grid=np.array([0.5, 0.3]))
 
 
 def test_threshold_shrinkage_and_top1():
@@ -193,7 +237,10 @@ def test_plots_name_the_runs_threshold_and_leave_out_labels_without_validation_s
     plots.plot_per_label(json.loads(path.read_text()), tmp_path / "p.png")
     plots.plot_f1([{"epoch": 1, "f1": 0.5}], tmp_path / "f.png", threshold=0.3)
     per_label_ax, f1_ax = kept[0].axes[0], kept[1].axes[0]
-    assert "1 absent from validation not shown" in per_label_ax.get_title()
+    assert "1 absent from validation, not shown" in per_label_ax.get_title()
+    kept[0].canvas.draw()  # the title fits the figure (on one line it ran past the right edge)
+    title = per_label_ax.title.get_window_extent()
+    assert 0 <= title.x0 and title.x1 <= kept[0].bbox.width, (title, kept[0].bbox)
     assert len(per_label_ax.collections[0].get_offsets()) == 2
     assert per_label_ax.get_legend().get_texts()[0].get_text() == "threshold 0.3"
     assert f1_ax.get_ylabel() == "validation F1 (threshold 0.3)"

@@ -251,7 +251,7 @@ def _scratch_tokenizer_reusable(tok_dir: Path, cfg: RunConfig, train_texts: list
 def tokenize_split(tokenizer, split: Split, cfg: RunConfig, labels: LabelSpace | None, name: str) -> TokenizedSplit:
     tokenized = tokenize_texts(tokenizer, split.texts, cfg.data.max_length, cfg.data.cache_dir)
     if labels is not None:
-        tokenized.targets = labels.encode(split.labels, split_name=name)
+        tokenized.set_labels(*labels.encode_sparse(split.labels, split_name=name), num_labels=len(labels))
         tokenized.targets_outside = labels.count_outside(split.labels)
     return tokenized
 

@@ -146,6 +146,38 @@ def test_label_space_is_fitted_on_train_only_with_a_frequency_cut(caplog):
         LabelSpace.fit(train, min_count=5)
 
 
+def test_sparse_targets_are_the_dense_multi_hot_rows_and_keep_the_checkpoint_data_digest():
+    # Real captions' CUIs (repeats inside a caption, CUIs outside the space): each batch's targets
+    # are the rows of the dense matrix, and the digest is the one radtrain recorded in checkpoints
+    # when it kept that matrix (a checkpoint written before must still resume).
+    import hashlib
+
+    from radtrain.data.tokens import TokenizedSplit
+    from tests.conftest import ROCO
+
+    splits = load_splits(DataConfig(source=str(ROCO)))
+    space = LabelSpace.fit(splits["train"].labels, min_count=3)
+    labels = [cuis + cuis[:1] for cuis in splits["validation"].labels]  # a CUI given twice
+    dense = space.encode(labels)
+    n = len(labels)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 40, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    split = TokenizedSplit(ids=rng.integers(5, 900, size=int(offsets[-1])).astype(np.int32), offsets=offsets)
+    split.set_labels(*space.encode_sparse(labels), num_labels=len(space))
+    np.testing.assert_array_equal(split.targets(), dense)
+    rows = np.array([5, 0, 5, n - 1])
+    np.testing.assert_array_equal(split.targets(rows), dense[rows])
+    assert split.targets(np.array([], dtype=np.int64)).shape == (0, len(space))
+    legacy = hashlib.sha256()
+    for array in (split.ids, split.offsets, dense):
+        legacy.update(str((array.dtype.str, array.shape)).encode())
+        legacy.update(array.tobytes())
+    assert split.digest() == legacy.hexdigest()[:16]
+    with pytest.raises(ValueError, match="labels for 2 captions, but the split has"):
+        split.set_labels(np.array([0, 1, 2]), np.array([0, 1], dtype=np.int32), len(space))
+
+
 def test_label_space_round_trip(tmp_path):
     space = LabelSpace.fit([["C1", "C2"], ["C1"]], names={"C1": "one"})
     space.save(tmp_path / "labels.json")

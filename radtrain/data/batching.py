@@ -121,6 +121,6 @@ def collate(
         "attention_mask": torch.from_numpy(attention),
         "index": torch.from_numpy(indices.astype(np.int64)),
     }
-    if split.targets is not None:
-        batch["labels"] = torch.from_numpy(split.targets[real])
+    if split.has_targets:
+        batch["labels"] = torch.from_numpy(split.targets(real))
     return batch

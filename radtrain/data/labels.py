@@ -68,22 +68,30 @@ class LabelSpace:
 
     def encode(self, labels: Sequence[Sequence[str]], split_name: str = "") -> np.ndarray:
         """Multi-hot matrix (float32). Unknown CUIs are dropped and counted in one warning."""
+        offsets, columns = self.encode_sparse(labels, split_name)
         matrix = np.zeros((len(labels), len(self.cuis)), dtype=np.float32)
+        matrix[np.repeat(np.arange(len(labels)), np.diff(offsets)), columns] = 1.0
+        return matrix
+
+    def encode_sparse(self, labels: Sequence[Sequence[str]], split_name: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """Each caption's label indices, ascending and distinct, as (offsets, columns): caption i's
+        are ``columns[offsets[i]:offsets[i + 1]]``. Unknown CUIs are dropped and counted in one warning."""
+        offsets = np.zeros(len(labels) + 1, dtype=np.int64)
+        columns: list[int] = []
         unseen = 0
         for row, cuis in enumerate(labels):
-            for cui in cuis:
-                col = self.index.get(cui)
-                if col is None:
-                    unseen += 1
-                else:
-                    matrix[row, col] = 1.0
+            known = {self.index.get(cui) for cui in cuis}
+            unseen += sum(cui not in self.index for cui in cuis)
+            known.discard(None)
+            columns.extend(sorted(known))
+            offsets[row + 1] = len(columns)
         if unseen and split_name and split_name != "train":
             log.warning(
                 "%s: %d label occurrences are CUIs outside the training label space (unseen in training or "
                 "under min_label_count); they are dropped from the targets",
                 split_name, unseen,
             )
-        return matrix
+        return offsets, np.asarray(columns, dtype=np.int32)
 
     def count_outside(self, labels: Sequence[Sequence[str]]) -> np.ndarray:
         """Per caption, its distinct gold CUIs outside the label space (what ``encode`` drops):

@@ -44,8 +44,8 @@ def multilabel_metrics(
 ) -> dict[str, float]:
     """y_true, y_pred: (n_samples, n_labels) arrays of 0/1; true_outside: per sample, the gold
     labels outside the label space (counted by ``f1_samples`` only; None: none)."""
-    t = np.asarray(y_true).astype(bool)
-    p = np.asarray(y_pred).astype(bool)
+    t = np.asarray(y_true).astype(bool, copy=False)
+    p = np.asarray(y_pred).astype(bool, copy=False)
     if t.shape != p.shape:
         raise ValueError(f"shape mismatch: targets {t.shape} vs predictions {p.shape}")
     outside = np.zeros(len(t)) if true_outside is None else np.asarray(true_outside, dtype=np.float64)
@@ -79,8 +79,8 @@ def multilabel_metrics(
 
 
 def per_label_f1(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    t = np.asarray(y_true).astype(bool)
-    p = np.asarray(y_pred).astype(bool)
+    t = np.asarray(y_true).astype(bool, copy=False)
+    p = np.asarray(y_pred).astype(bool, copy=False)
     tp = (t & p).sum(0)
     return _safe_div(2 * tp, 2 * tp + (~t & p).sum(0) + (t & ~p).sum(0))
 

@@ -174,6 +174,11 @@ def test_sparse_targets_are_the_dense_multi_hot_rows_and_keep_the_checkpoint_dat
         legacy.update(str((array.dtype.str, array.shape)).encode())
         legacy.update(array.tobytes())
     assert split.digest() == legacy.hexdigest()[:16]
+    numpy_count = TokenizedSplit(ids=split.ids, offsets=split.offsets)
+    numpy_count.set_labels(split.label_offsets, split.label_columns, np.int64(len(space)))
+    assert numpy_count.digest() == split.digest()
+    with pytest.raises(ValueError, match="label indices outside"):
+        numpy_count.set_labels(split.label_offsets, split.label_columns, 3)
     with pytest.raises(ValueError, match="labels for 2 captions, but the split has"):
         split.set_labels(np.array([0, 1, 2]), np.array([0, 1], dtype=np.int32), len(space))
 

@@ -209,12 +209,8 @@ class MultiLabelTask:
         loss = (
             F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), reduction="none").mean(-1) * keep
         ).sum()
-        return {
-            "index": batch["index"],
-            "probs": torch.sigmoid(logits),
-            "labels": batch["labels"],
-            "sums": torch.stack([loss, keep.sum()]),
-        }
+        # No "labels": evaluate_split takes the targets from the split on the host (by "index").
+        return {"index": batch["index"], "probs": torch.sigmoid(logits), "sums": torch.stack([loss, keep.sum()])}
 
     def finish_eval(self, gathered: dict[str, np.ndarray]) -> dict[str, float]:
         index = gathered["index"]

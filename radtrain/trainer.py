@@ -661,10 +661,15 @@ def evaluate_split(
             outputs[key].append(value.detach().float() if value.is_floating_point() else value.detach())
     gathered = {k: accelerator.gather(torch.cat(v)).cpu().numpy() for k, v in outputs.items()}
     if "index" in gathered:
-        # Per-caption outputs (the classifier): the gold CUIs outside the label space that f1_samples
-        # counts come from the split itself, on the host (filler rows, index -1, are dropped later).
+        # Per-caption outputs (the classifier): the targets, and the gold CUIs outside the label
+        # space that f1_samples counts, come from the split itself, on the host. Gathered from the
+        # devices, the targets were as large as the probabilities (10k captions x 9k CUIs: 360 MB
+        # more on every GPU). Filler rows (index -1) are dropped later.
+        rows = np.maximum(gathered["index"], 0)
+        if split.has_targets:
+            gathered["labels"] = split.targets(rows)
         outside = split.targets_outside if split.targets_outside is not None else np.zeros(len(split), np.int32)
-        gathered["labels_outside"] = outside[np.maximum(gathered["index"], 0)]
+        gathered["labels_outside"] = outside[rows]
     return task.finish_eval(gathered), gathered
 
 

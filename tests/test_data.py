@@ -169,6 +169,8 @@ def test_sparse_targets_are_the_dense_multi_hot_rows_and_keep_the_checkpoint_dat
     rows = np.array([5, 0, 5, n - 1])
     np.testing.assert_array_equal(split.targets(rows), dense[rows])
     assert split.targets(np.array([], dtype=np.int64)).shape == (0, len(space))
+    with pytest.raises(IndexError, match="caption indices must lie in"):
+        split.targets(np.array([0, -1]))
     legacy = hashlib.sha256()
     for array in (split.ids, split.offsets, dense):
         legacy.update(str((array.dtype.str, array.shape)).encode())

@@ -71,6 +71,8 @@ class TokenizedSplit:
         if self.label_offsets is None or self.label_columns is None:
             raise ValueError("this split has no labels")
         rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"caption indices must lie in 0..{len(self) - 1} (collate maps filler rows, -1, to 0)")
         starts = self.label_offsets[rows]
         counts = self.label_offsets[rows + 1] - starts
         # Index of every (caption, label) pair in label_columns, caption after caption.

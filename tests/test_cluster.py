@@ -18,6 +18,7 @@ import pytest
 from conftest import PYTHON, REPO, subprocess_env
 
 from radtrain.cli import main
+from radtrain.cluster.jobfile import load_job
 
 EXPECTED = REPO / "tests" / "expected"
 
@@ -142,6 +143,32 @@ def test_members_run_dirs_and_init_from(tmp_path, capsys):
     assert "classify job <classify job id> (array 0-2, afterok:<mlm job id>)" in out
     assert out.count("init_from=best MLM member by validation loss") == 3
     assert "select" not in _scripts(out)
+
+
+def test_a_shared_override_reaches_every_step_that_sets_the_key_itself(tmp_path):
+    """`train.epochs=1` on the command line is for both phases: it replaced the shared value only,
+    and each phase's own `train: {epochs: ...}` kept its value without a word."""
+    job = REPO / "jobs" / "rocov2_large.yaml"
+    pipeline = load_job(job, [f"output_dir={tmp_path}", "train.epochs=1", "cluster.time_min=30"])
+    steps = {step.name: step for step in pipeline.steps}
+    assert {m.config.train.epochs for s in ("mlm", "classify") for m in steps[s].members} == {1}
+    assert {step.resources.time_min for step in pipeline.steps} == {30}
+    # The sweeps still vary what they vary.
+    assert sorted({m.config.train.lr for m in steps["classify"].members}) == [3.0e-5, 5.0e-5]
+
+    # A step's own key on the command line is more specific and wins.
+    pipeline = load_job(job, [f"output_dir={tmp_path}", "train.epochs=1", "classify.train.epochs=2"])
+    epochs = {step.name: {m.config.train.epochs for m in step.members} for step in pipeline.steps[:2]}
+    assert epochs == {"mlm": {1}, "classify": {2}}
+
+    demo = load_job(REPO / "jobs" / "demo.yaml", [f"output_dir={tmp_path}", "train.lr=1e-4"])
+    assert {m.config.train.lr for step in demo.steps[:2] for m in step.members} == {1e-4}
+
+
+def test_a_shared_override_of_a_swept_key_is_refused(tmp_path, capsys):
+    rc, _, err = _submit(capsys, "jobs/rocov2_large.yaml", "--dry-run", f"output_dir={tmp_path}", "train.lr=1e-4")
+    assert rc == 2
+    assert "the mlm sweep varies train.lr" in err and "mlm.sweep.train.lr=[1e-4]" in err
 
 
 def test_job_file_mistakes_fail_before_anything_is_queued(tmp_path, capsys):

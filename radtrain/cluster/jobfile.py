@@ -217,6 +217,63 @@ def _set_path(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _step_path(key: str) -> tuple[tuple[str, ...], list[str]] | None:
+    """Where a top-level key lives inside a step's section, and which steps have it:
+    ``train.lr`` is ``<phase>.train.lr``, ``cluster.time_min`` is ``<step>.resources.time_min``."""
+    head, *rest = key.split(".")
+    if head in MEMBER_SECTIONS and rest:
+        return PHASES, [head, *rest]
+    if head == "cluster" and rest:
+        return STEPS, ["resources", *rest]
+    if head == "env" and rest:
+        return STEPS, ["env", *rest]
+    if head == "accelerate_config" and not rest:
+        return PHASES, ["accelerate_config"]
+    return None
+
+
+def _sweep_keys(sweep: Any) -> set[str]:
+    if isinstance(sweep, dict):
+        return set(sweep)
+    if isinstance(sweep, list):
+        return {key for point in sweep if isinstance(point, dict) for key in point}
+    return set()
+
+
+def _top_level_overrides_reach_every_step(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> None:
+    """A command-line override of a shared key (``train.lr=1e-4``, ``cluster.time_min=30``) is
+    meant for every step, so it replaces what a step's own section sets for that key: in the
+    file a step's section wins over the shared one, and the override used to be lost there without
+    a word (jobs/rocov2_large.yaml's classifier kept its lr). A step key given on the command line
+    too (``classify.train.lr=...``) is more specific and stays. A swept key is refused: replacing
+    a sweep's values is done in the sweep itself."""
+    given = {key for key, _ in overrides}
+    for key, value in overrides:
+        where = _step_path(key)
+        if where is None:
+            continue
+        steps, path = where
+        for step in steps:
+            section = tree.get(step)
+            if not isinstance(section, dict) or f"{step}.{key}" in given:
+                continue
+            if key in _sweep_keys(section.get("sweep")):
+                raise ConfigError(
+                    f"override {key}={value}: the {step} sweep varies {key}, so one value for every "
+                    f"member would undo it; give {step}.sweep.{key}=[{value}] to train only that value, "
+                    f"or {step}.sweep.{key}=[...] for other values"
+                )
+            node = section
+            for part in path[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and path[-1] in node:
+                log.info(
+                    "%s=%s from the command line replaces %s.%s=%s of the job file",
+                    key, value, step, ".".join(path), node[path[-1]],
+                )
+                del node[path[-1]]
+
+
 def _substitute(value: Any, root: str) -> Any:
     if isinstance(value, str):
         return value.replace(ROOT_TOKEN, root)
@@ -313,10 +370,11 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
         path, "job file", "sections (output_dir:, data:, mlm:, classify:, select:)",
         missing_hint=" (see jobs/demo.yaml for the format)",
     )
-    for text in overrides or []:
-        key, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides or []]
+    for key, value in parsed:
         _set_path(tree, key, value)
     _check_keys(tree, JOB_KEYS, "the top level")
+    _top_level_overrides_reach_every_step(tree, parsed)
     root = Path(str(tree.get("output_dir") or f"runs/{path.stem}")).expanduser().resolve()
     tree = _substitute(tree, str(root))
     name = str(tree.get("name") or path.stem)

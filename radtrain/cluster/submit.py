@@ -295,9 +295,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "submit",
         help="submit a job file to SLURM: MLM array -> classifier array (afterok) -> selection",
-        description="Submit jobs/<experiment>.yaml with submitit. Overrides edit the job file: train.lr=1e-4 "
-        "(both phases), mlm.train.epochs=1, mlm.sweep.train.seed=[1,2], classify.resources.time_min=30, "
-        "output_dir=runs/x (the pipeline root), select=null (no selection step).",
+        description="Submit jobs/<experiment>.yaml with submitit. Overrides edit the job file: train.epochs=1 "
+        "(both phases, replacing a phase's own value), mlm.train.epochs=1 (one phase), "
+        "mlm.sweep.train.seed=[1,2] (a swept key is changed in its sweep), cluster.time_min=30 (every "
+        "step), classify.resources.time_min=30, output_dir=runs/x (the pipeline root), select=null (no "
+        "selection step).",
     )
     p.add_argument("job", help="the job file, e.g. jobs/demo.yaml")
     p.add_argument(

@@ -559,20 +559,42 @@ def prefetch_data(data_cfg) -> dict[str, int]:
     return {name: len(split) for name, split in load_splits(data_cfg, need_labels=False).items()}
 
 
+def prefetch_targets(config: str | None, overrides: list[str]) -> tuple[list[str], list[Any], Any]:
+    """What a run config or a job file (jobs/*.yaml) reads from the Hub: model ids, the data
+    settings of each source (a dataset is read with its own text/label columns), and the
+    RunConfig whose settings the rest uses (a job file's first member). A job file's members are
+    planned as `radtrain submit` plans them; a classifier starting from an MLM member of the
+    same pipeline has nothing to fetch."""
+    from radtrain.cluster.jobfile import JOB_ONLY_KEYS, load_job
+    from radtrain.config import load_config, read_yaml_mapping
+
+    if config is not None and JOB_ONLY_KEYS & set(read_yaml_mapping(config, "config file", "sections")):
+        pipeline = load_job(config, overrides)
+        configs = [member.config for step in pipeline.steps for member in step.members]
+        if not configs:
+            raise ConfigError(f"job file {config}: no mlm or classify step, nothing to prefetch")
+        inside = str(pipeline.root) + "/"
+        models = [
+            str(m) for c in configs for m in (c.model.init_from, c.model.name) if m and not str(m).startswith(inside)
+        ]
+        return models, [c.data for c in configs], configs[0]
+    cfg = load_config(config, overrides)
+    return [m for m in (cfg.model.init_from, cfg.model.name) if m], [cfg.data], cfg
+
+
 def cmd_prefetch(args: argparse.Namespace) -> int:
     import dataclasses
 
     from huggingface_hub import constants
 
-    from radtrain.config import load_config
-
     overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)
+    config_models, config_data, cfg = prefetch_targets(args.config, overrides)
     models = list(args.model or [])
-    datasets = list(args.data or [])
-    if args.config or (overrides and not models and not datasets):  # what that job config needs
-        models += [m for m in (cfg.model.init_from, cfg.model.name) if m]
-        datasets.append(cfg.data.source)
+    # --data ids are read with the config's data settings (columns, label delimiter).
+    datasets = [dataclasses.replace(cfg.data, source=source) for source in args.data or []]
+    if args.config or (overrides and not models and not datasets):  # what that config needs
+        models += config_models
+        datasets += config_data
     if not models and not datasets:
         print("radtrain prefetch: give --model ID and/or --data ID (or a job config)", file=sys.stderr)
         return 2
@@ -594,12 +616,13 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - report every item, then fail
             failed.append(model_id)
             print(f"radtrain prefetch: model {model_id} failed: {_short(exc)}", file=sys.stderr)
-    for source in dict.fromkeys(datasets):
+    for data_cfg in {repr(d): d for d in datasets}.values():  # one download per source and settings
+        source = data_cfg.source
         if _is_local(source):
             print(f"data {source}: local, nothing to fetch")
             continue
         try:
-            sizes = prefetch_data(dataclasses.replace(cfg.data, source=source))
+            sizes = prefetch_data(data_cfg)
             print(f"data {source}: cached, splits {sizes}")
         except Exception as exc:  # noqa: BLE001
             failed.append(source)
@@ -660,7 +683,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "--data", action="append", help="Hub dataset id (repeatable); read with the data.* settings"
     )
     pre.add_argument(
-        "--config", "-c", help="a job's YAML config: prefetch its model.name, model.init_from, data.source"
+        "--config",
+        "-c",
+        help="a run config (radtrain classify --config) or a job file (jobs/*.yaml): prefetch the "
+        "model.name, model.init_from and data.source of every run it describes",
     )
     pre.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.text_column=text")
     pre.set_defaults(func=cmd_prefetch)

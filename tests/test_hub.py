@@ -405,3 +405,26 @@ def test_offline_job_names_what_is_not_cached(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["prefetch", "--model", "radtrain-test/m"]) == 1
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_prefetch_reads_a_job_file(tmp_path, monkeypatch, capsys):
+    """`radtrain prefetch --config jobs/rocov2_large.yaml` failed with "unknown config key 'name'":
+    it read only run configs, though a job file is what an offline pipeline needs prefetched."""
+    from huggingface_hub import constants
+
+    from radtrain.hub import prefetch_targets
+
+    job = str(REPO / "jobs" / "rocov2_large.yaml")
+    models, data, _ = prefetch_targets(job, [f"output_dir={tmp_path / 'p'}"])
+    # The classifiers start from the pipeline's own MLM exports: nothing of theirs is on the Hub.
+    assert set(models) == {"answerdotai/ModernBERT-large"}
+    assert {d.source for d in data} == {"eltorio/ROCOv2-radiology"} and {d.label_column for d in data} == {"cui"}
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    demo = str(REPO / "jobs" / "demo.yaml")
+    assert main(["prefetch", "--config", demo, f"output_dir={tmp_path / 'd'}"]) == 0
+    out = capsys.readouterr().out
+    assert "model scratch:tiny: local" in out and "local, nothing to fetch" in out
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["prefetch", "--config", job]) == 1
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err

@@ -394,6 +394,17 @@ def check_before_start(
     if _packs(setting, modernbert, device, mixed_precision, attn_implementation, dropout):
         what = f"a {getattr(model_config, 'model_type', None) or type(model_config).__name__} model"
         _packed_attention_name(modernbert, what, attn_implementation, mixed_precision, attention, device, dropout)
+    elif attention != "auto":
+        # Chosen on purpose and silently unused: the run trains padded batches, so say so.
+        why = (
+            "data.packing=off"
+            if setting == "off"
+            else "data.packing=auto packs only a ModernBERT trained in bf16/fp16 on a GPU with a varlen kernel"
+        )
+        log.warning(
+            "data.packed_attention=%s has no effect: this run trains padded batches (%s; data.packing=on "
+            "packs anyway)", attention, why,
+        )
 
 
 def _check_flex(device: torch.device | None) -> None:

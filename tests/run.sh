@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# torch first, as its own step: the CPU wheel on CI machines (a cluster gets its CUDA build from
-# the same pin), and an already installed torch is kept rather than replaced.
+# torch first, as its own step, and an already installed torch is kept rather than replaced. CI's
+# pip finds the CPU wheel of this pin in its local wheel folder; elsewhere install torch first
+# (README, Install: PyPI's Linux wheel is the CUDA build).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 # --no-build-isolation: deepspeed ships as an sdist whose build imports torch; an isolated build
 # environment would download a second, multi-GB torch just to build it.

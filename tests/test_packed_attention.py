@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import ModernBertConfig, ModernBertForSequenceClassification
@@ -297,6 +299,20 @@ def test_flex_is_refused_where_it_cannot_train():
         packing.enable(_model(), None, "no", "flex", device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="cannot use model.attn_implementation=flash_attention_2"):
         packing.enable(_model(), "flash_attention_2", "bf16", "flex")
+
+
+def test_a_chosen_packed_attention_that_a_padded_run_ignores_is_named(caplog):
+    """data.packed_attention=flex with data.packing=auto on a CPU trains padded batches: the
+    choice was dropped without a word (docs said flex on a CPU is refused)."""
+    config = _model().config
+    with caplog.at_level(logging.WARNING, logger="radtrain.packing"):
+        packing.check_before_start("auto", "flex", None, torch.device("cpu"), "no", config)
+        packing.check_before_start("off", "blocks", None, torch.device("cpu"), "no", config)
+        packing.check_before_start("auto", "auto", None, torch.device("cpu"), "no", config)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "data.packed_attention=flex has no effect" in warnings[0] and "data.packing=on" in warnings[0]
+    assert "data.packing=off" in warnings[1]
 
 
 @pytest.mark.gpu

@@ -331,7 +331,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             if error is None:
                 error = RuntimeError("another process failed to write its part of the checkpoint")
-            raise CheckpointError(write_failed(final, error, self._kept())) from error
+            raise CheckpointError(write_failed(final, error, self.kept_message())) from error
         if accelerator.is_main_process:
             if final.exists():  # an older write of this step (e.g. one that did not load on resume)
                 shutil.rmtree(final)
@@ -342,7 +342,8 @@ class CheckpointManager:
         self.last_saved_step = state.global_step
         return final
 
-    def _kept(self) -> str:
+    def kept_message(self) -> str:
+        """What a failed write leaves to resume from, for its error message."""
         previous = self.complete_checkpoints()
         if previous:
             return f"The previous checkpoint {previous[0].path} is intact; the next start resumes from it."
@@ -357,7 +358,7 @@ class CheckpointManager:
         does the next successful save."""
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        message = write_failed(final, error, self._kept())
+        message = write_failed(final, error, self.kept_message())
         if not isinstance(error, OSError):  # e.g. gloo/NCCL: the collective failed because a peer ended
             message += " If another process reported a write error, that error is the cause."
         print(f"radtrain: error: process {accelerator.process_index}: {message}", file=sys.stderr, flush=True)

@@ -15,6 +15,8 @@ each of them and this module acts when the environment asks for it.
   ``checkpoint-shard`` (every rank, as it starts writing its part of a checkpoint: with
   ``@RANK``, one rank's part fails while the others write theirs),
   ``export`` (new ``best.tmp`` complete, old ``best/`` moved to ``best.old``, not yet swapped),
+  ``result-write`` (the main process, about to append a row to ``metrics.jsonl`` or
+  ``train_log.jsonl``, or to write ``summary.json``),
   ``nan`` (makes the training loss non-finite: exercises the real skip path through backward).
 - WHEN: ``N`` or ``N-M``. For ``step`` and ``nan`` it is the optimizer step number being
   computed (1-based, the same numbers as ``global_step`` after the step), so a resumed process
@@ -43,7 +45,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 ENV = "RADTRAIN_FAULT"
-POINTS = ("step", "forward", "eval", "checkpoint-write", "checkpoint-shard", "export", "nan")
+POINTS = ("step", "forward", "eval", "checkpoint-write", "checkpoint-shard", "export", "result-write", "nan")
 ACTIONS = ("kill", "enospc", "oom", "SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 # Points whose WHEN is an optimizer step number rather than a count of hits in this process.
 STEP_NUMBERED = ("step", "nan")

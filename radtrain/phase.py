@@ -19,8 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from radtrain import models, packing
-from radtrain.checkpoint import CheckpointError, CheckpointManager, any_rank, checkpoint_layout, recorded_task
+from radtrain import faults, models, packing
+from radtrain.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    any_rank,
+    checkpoint_layout,
+    recorded_task,
+    write_failed,
+)
 from radtrain.config import PHASES, ConfigError, ModelConfig, RunConfig, config_differences, read_saved_config
 from radtrain.data.labels import LabelSpace, load_name_mapping
 from radtrain.data.sources import Split, load_splits
@@ -534,7 +541,17 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         summary["test"] = evaluate_export(run_dir / "best", test, accelerator, cfg)
     if accelerator.is_main_process:
         _add_tuned_validation(summary, run_dir / "best")
-        write_json(run_dir / "summary.json", summary)
+        try:
+            faults.hit("result-write")  # test hook (a full disk)
+            write_json(run_dir / "summary.json", summary)
+        except OSError as error:  # a full disk: a clean error (exit 2), not a traceback
+            raise CheckpointError(
+                write_failed(
+                    run_dir / "summary.json", error,
+                    "Training is complete and best/ and the checkpoints are kept: the same command resumes "
+                    "from the last checkpoint and repeats only the test evaluation.",
+                )
+            ) from error
         _report_run(run_dir, phase, state)
         if summary["test"]:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in summary["test"].items())

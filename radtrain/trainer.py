@@ -28,6 +28,7 @@ from radtrain.checkpoint import (
     TrainerState,
     any_rank,
     checkpoint_layout,
+    write_failed,
 )
 from radtrain.config import RunConfig
 from radtrain.data.batching import (
@@ -600,10 +601,21 @@ class Trainer:
             "tokens_per_s": st.tokens_seen / max(st.train_time_s, 1e-9),
         }
         if self.acc.is_main_process:
-            with open(self.run_dir / "train_log.jsonl", "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            self._append_row("train_log.jsonl", row)
             if self.tracker is not None:
                 self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=st.global_step)
+
+    def _append_row(self, name: str, row: dict) -> None:
+        """A full disk here was a traceback (exit 1); it is the same clean error as a failed
+        checkpoint write (exit 2, what to free, the checkpoint the next start resumes from). A
+        torn last line is dropped by that start (``_truncate_logs``)."""
+        path = self.run_dir / name
+        try:
+            faults.hit("result-write")  # test hook (a full disk as the row is appended)
+            with open(path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except OSError as error:
+            raise CheckpointError(write_failed(path, error, self.ckpt.kept_message())) from error
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -625,8 +637,7 @@ class Trainer:
             st.best_metric, st.best_step, st.best_epoch = value, st.global_step, epoch
         st.history.append(row)
         if self.acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            self._append_row("metrics.jsonl", row)
             shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"[radtrain] eval step {st.global_step} epoch {epoch}: {shown}{' *' if improved else ''}", flush=True)
             if self.tracker is not None:

@@ -328,6 +328,31 @@ def test_disk_full_in_a_checkpoint_write_keeps_the_previous_one(env, tmp_path):
     assert_clean_write_failure(run, result, 4)
 
 
+def test_disk_full_writing_a_log_row_or_the_summary_is_a_clean_error(env, reference, tmp_path):
+    """A full disk while appending a metrics.jsonl row or writing summary.json was a Python
+    traceback (exit 1); it is now the checkpoint write's error (exit 2, what to free, what the
+    next start resumes from), and the run, started again, ends as if nothing happened."""
+    run = tmp_path / "run"
+    # Hit 1 is train_log.jsonl's row of step 10, hit 2 the metrics row of the evaluation at step 15.
+    result = expect(radtrain(env, run, fault="result-write:2:enospc"), 2)
+    assert f"could not write {run / 'metrics.jsonl'}" in result.stderr and "MiB free on that filesystem" in result.stderr
+    assert "step-00000012 is intact; the next start resumes from it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert complete_steps(run) == [4, 8, 12]
+    assert read_rows(run / "metrics.jsonl") == []
+
+    # summary.json is written last: after every row of the steps after the resumed checkpoint.
+    rows = [r for name in ("train_log.jsonl", "metrics.jsonl") for r in read_rows(reference / name) if r["step"] > 12]
+    result = expect(radtrain(env, run, fault=f"result-write:{len(rows) + 1}:enospc"), 2)
+    assert f"could not write {run / 'summary.json'}" in result.stderr
+    assert "repeats only the test evaluation" in result.stderr and "Traceback" not in result.stderr
+    assert not (run / "summary.json").exists()
+    assert (run / "best" / "model.safetensors").is_file()
+
+    expect(radtrain(env, run), 0)
+    assert_same_result(run, reference)
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A real 16 MiB filesystem: one checkpoint (~10 MiB) fits, the second does not."""

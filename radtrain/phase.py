@@ -539,19 +539,27 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
         with accelerator.main_process_first():
             test = tokenize_split(tokenizer, splits["test"], cfg, label_space, "test")
         summary["test"] = evaluate_export(run_dir / "best", test, accelerator, cfg)
+    summary_error = None
     if accelerator.is_main_process:
         _add_tuned_validation(summary, run_dir / "best")
         try:
             faults.hit("result-write")  # test hook (a full disk)
             write_json(run_dir / "summary.json", summary)
         except OSError as error:  # a full disk: a clean error (exit 2), not a traceback
-            raise CheckpointError(
-                write_failed(
-                    run_dir / "summary.json", error,
-                    "Training is complete and best/ and the checkpoints are kept: the same command resumes "
-                    "from the last checkpoint and repeats only the test evaluation.",
-                )
-            ) from error
+            summary_error = error
+    # Agreed, so that every rank raises instead of waiting for the main one at the barrier below.
+    if any_rank(accelerator, summary_error is not None):
+        rerun = (
+            "the same command resumes from the last checkpoint and repeats only the test evaluation"
+            if phase == "classify" and evaluate_test
+            else "the same command resumes from the last checkpoint and writes it"
+        )
+        raise CheckpointError(
+            write_failed(run_dir / "summary.json", summary_error, f"Training is complete; best/ and the checkpoints are kept: {rerun}.")
+            if summary_error is not None
+            else "the main process could not write summary.json (its error says what)"
+        ) from summary_error
+    if accelerator.is_main_process:
         _report_run(run_dir, phase, state)
         if summary["test"]:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in summary["test"].items())

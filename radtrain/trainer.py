@@ -217,6 +217,9 @@ class Trainer:
         self.state = TrainerState(total_steps=self.total_steps, warmup_steps=warmup)
         self.stop = StopFlag()
         self.stop_requested = False  # a stop signal seen by any rank, agreed at the last step
+        # A log row the main process could not write: every rank raises once it is agreed (the
+        # next step's flags, or the evaluation), so none waits in a collective for the main one.
+        self.write_error: tuple[Path, OSError] | None = None
 
     def _keep_checkpoint_warmup(self) -> None:
         """A resumed run keeps the warm-up it started with: radtrain before 2026-11-28 rounded the
@@ -532,9 +535,11 @@ class Trainer:
         if grad_norm is not None:
             bad_norm = (~torch.isfinite(torch.as_tensor(grad_norm, device=device, dtype=torch.float32))).float()
         stop = torch.tensor(float(self.stop.signum is not None), device=device)
-        flags = torch.stack([total, stop, bad_norm])
+        write_failed = torch.tensor(float(self.write_error is not None), device=device)
+        flags = torch.stack([total, stop, bad_norm, write_failed])
         flags = self.acc.reduce(flags, "sum").cpu()
         loss_total, stop, bad_norm = float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0)
+        self._raise_if_a_write_failed(bool(flags[3] > 0))
         self.stop_requested = stop
         if not math.isfinite(loss_total) or bad_norm:
             self.optimizer.zero_grad(set_to_none=True)
@@ -606,16 +611,29 @@ class Trainer:
                 self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=st.global_step)
 
     def _append_row(self, name: str, row: dict) -> None:
-        """A full disk here was a traceback (exit 1); it is the same clean error as a failed
-        checkpoint write (exit 2, what to free, the checkpoint the next start resumes from). A
+        """Main process. A full disk here was a traceback (exit 1) on the main process alone; it
+        is now the checkpoint write's clean error (exit 2, what to free, the checkpoint the next
+        start resumes from), raised on every rank once agreed (``_raise_if_a_write_failed``). A
         torn last line is dropped by that start (``_truncate_logs``)."""
+        if self.write_error is not None:
+            return
         path = self.run_dir / name
         try:
             faults.hit("result-write")  # test hook (a full disk as the row is appended)
             with open(path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
         except OSError as error:
-            raise CheckpointError(write_failed(path, error, self.ckpt.kept_message())) from error
+            self.write_error = (path, error)
+
+    def _raise_if_a_write_failed(self, agreed: bool) -> None:
+        if not agreed:
+            return
+        if self.write_error is None:
+            raise CheckpointError(
+                f"the main process could not write a log row (its error says what). {self.ckpt.kept_message()}"
+            )
+        path, error = self.write_error
+        raise CheckpointError(write_failed(path, error, self.ckpt.kept_message())) from error
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -638,6 +656,8 @@ class Trainer:
         st.history.append(row)
         if self.acc.is_main_process:
             self._append_row("metrics.jsonl", row)
+        self._raise_if_a_write_failed(any_rank(self.acc, self.write_error is not None))
+        if self.acc.is_main_process:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"[radtrain] eval step {st.global_step} epoch {epoch}: {shown}{' *' if improved else ''}", flush=True)
             if self.tracker is not None:

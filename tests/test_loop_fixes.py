@@ -197,6 +197,26 @@ def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("hit", "row"), [(1, "train_log.jsonl"), (2, "metrics.jsonl")])
+def test_a_log_row_the_main_process_cannot_write_stops_every_rank(tmp_path, roco_path, hit, row):
+    """ENOSPC on the main process appending a row (hit 1: the training row of step 10, agreed in
+    step 11's flags; hit 2: the evaluation row of step 15, agreed before the export): the other
+    rank raises too. It used to go on alone into the next collective (under srun, one task per
+    rank, it waited there until the process group timed out)."""
+    data = write_roco_slice(tmp_path / "roco300.jsonl", 300)
+    run = tmp_path / "run"
+    launcher = ("accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+                "--main_process_port", str(29549 + hit), "-m")
+    result = _classify(run, data, "train.batch_size=8", "train.save_every_steps=4",
+                       fault=f"result-write:{hit}:enospc", launcher=launcher)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text[-3000:]
+    assert f"could not write {run / row}" in text and "No space left on device" in text, text[-3000:]
+    assert "the main process could not write a log row" in text, text[-3000:]
+    assert "step-00000012 is intact" in text if hit == 2 else "step-00000008 is intact" in text
+
+
+@pytest.mark.slow
 def test_a_stop_signal_seen_by_one_rank_stops_both_and_each_says_why(tmp_path, roco_path):
     """SIGUSR1 reaches rank 1 only: both ranks stop at the same step with one checkpoint. Rank 0
     used to report "stopped on signal None" (the signal number is rank 1's alone)."""

@@ -163,12 +163,41 @@ def test_a_shared_override_reaches_every_step_that_sets_the_key_itself(tmp_path)
 
     demo = load_job(REPO / "jobs" / "demo.yaml", [f"output_dir={tmp_path}", "train.lr=1e-4"])
     assert {m.config.train.lr for step in demo.steps[:2] for m in step.members} == {1e-4}
+    assert demo.replaced == ["train.lr=1e-4 replaces classify.train.lr=0.003 of the job file"]
+
+    # A step's own resources on the command line, in any order, and a mapping-valued override
+    # (it sets its keys: the file's other train settings stay, batch_size 32 among them).
+    pipeline = load_job(job, [
+        f"output_dir={tmp_path}", "classify.resources={time_min: 120}", "cluster.time_min=30",
+        "train={epochs: 1}", "classify.train={epochs: 2}",
+    ])
+    steps = {step.name: step for step in pipeline.steps}
+    assert {name: step.resources.time_min for name, step in steps.items()} == {"mlm": 30, "classify": 120, "select": 30}
+    assert {m.config.train.epochs for m in steps["mlm"].members} == {1}
+    assert {m.config.train.epochs for m in steps["classify"].members} == {2}
+    assert {m.config.train.batch_size for s in ("mlm", "classify") for m in steps[s].members} == {32}
+
+
+def test_job_file_env_and_sbatch_options_merge_key_by_key(tmp_path):
+    """A step's sbatch `additional` options used to replace the cluster's whole mapping, and the
+    accelerate config's variables beat the job file's own env."""
+    job = REPO / "jobs" / "rocov2_large.yaml"
+    pipeline = load_job(job, [
+        f"output_dir={tmp_path}", "cluster.additional.exclude=node12", "classify.resources.additional.mail-type=END",
+        "env.ACCELERATE_USE_DEEPSPEED=false",
+    ])
+    steps = {step.name: step for step in pipeline.steps}
+    assert steps["classify"].resources.additional == {"exclude": "node12", "mail-type": "END"}
+    assert steps["mlm"].resources.additional == {"exclude": "node12"}
+    assert {step.env["ACCELERATE_USE_DEEPSPEED"] for step in pipeline.steps[:2]} == {"false"}
 
 
 def test_a_shared_override_of_a_swept_key_is_refused(tmp_path, capsys):
     rc, _, err = _submit(capsys, "jobs/rocov2_large.yaml", "--dry-run", f"output_dir={tmp_path}", "train.lr=1e-4")
     assert rc == 2
-    assert "the mlm sweep varies train.lr" in err and "mlm.sweep.train.lr=[1e-4]" in err
+    # Both sweeps named at once: following a hint that named only the first met the second.
+    assert "the mlm and classify sweeps vary train.lr" in err
+    assert "give mlm.sweep.train.lr=[1e-4] classify.sweep.train.lr=[1e-4] instead of train.lr=1e-4" in err
 
 
 def test_job_file_mistakes_fail_before_anything_is_queued(tmp_path, capsys):

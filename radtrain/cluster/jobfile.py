@@ -144,7 +144,12 @@ def _resources(*layers: dict[str, Any] | None, where: str) -> Resources:
             continue
         if not isinstance(layer, dict):
             raise ConfigError(f"{where}: resources must be a mapping, got {layer!r}")
+        # additional: sbatch options, merged option by option (a step's mail-type must not drop
+        # the cluster's exclude).
+        before, extra = merged.get("additional"), layer.get("additional")
         merged.update(layer)
+        if isinstance(before, dict) and isinstance(extra, dict):
+            merged["additional"] = {**before, **extra}
     known = Resources.__dataclass_fields__
     unknown = sorted(set(merged) - set(known))
     if unknown:
@@ -192,6 +197,8 @@ class Pipeline:
     hub: dict[str, Any]
     select_metric: str | None
     selection_candidates: list[Member]
+    replaced: list[str] = field(default_factory=list)
+    """Step values of the job file that a shared command-line override replaced (shown by submit)."""
 
 
 def _set_path(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -242,38 +249,51 @@ def _sweep_keys(sweep: Any) -> set[str]:
     return set()
 
 
-def _top_level_overrides_reach_every_step(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> None:
+def _dotted(key: str, value: Any) -> list[tuple[str, Any]]:
+    """``train={epochs: 1}`` is ``train.epochs=1``: a mapping given for a section sets its keys
+    and keeps the section's others (it replaced the whole section: batch_size and the rest of
+    the file's train: were gone). A sweep is replaced whole (its points are one value)."""
+    if not isinstance(value, dict) or not value or "sweep" in key.split("."):
+        return [(key, value)]
+    return [item for sub, v in value.items() for item in _dotted(f"{key}.{sub}", v)]
+
+
+def _top_level_overrides_reach_every_step(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> list[str]:
     """A command-line override of a shared key (``train.lr=1e-4``, ``cluster.time_min=30``) is
     meant for every step, so it replaces what a step's own section sets for that key: in the
     file a step's section wins over the shared one, and the override used to be lost there without
     a word (jobs/rocov2_large.yaml's classifier kept its lr). A step key given on the command line
-    too (``classify.train.lr=...``) is more specific and stays. A swept key is refused: replacing
-    a sweep's values is done in the sweep itself."""
-    given = {key for key, _ in overrides}
+    too (``classify.train.lr=...``, ``classify.resources.time_min=...``) is more specific and
+    stays. A swept key is refused: a sweep's values are replaced in the sweep itself. Returns a
+    line per replaced value, for the submit listing."""
+    given = [key for key, _ in overrides]
+    replaced = []
     for key, value in overrides:
         where = _step_path(key)
         if where is None:
             continue
         steps, path = where
+        sweeps = [s for s in steps if isinstance(tree.get(s), dict) and key in _sweep_keys(tree[s].get("sweep"))]
+        if sweeps:
+            instead = " ".join(f"{s}.sweep.{key}=[{value}]" for s in sweeps)
+            raise ConfigError(
+                f"override {key}={value}: the {' and '.join(sweeps)} sweep{'s' if len(sweeps) > 1 else ''} "
+                f"var{'y' if len(sweeps) > 1 else 'ies'} {key}, so one value for every member would undo "
+                f"{'them' if len(sweeps) > 1 else 'it'}; give {instead} instead of {key}={value} to train only that "
+                "value (or other values in the list)"
+            )
         for step in steps:
             section = tree.get(step)
-            if not isinstance(section, dict) or f"{step}.{key}" in given:
+            own = ".".join((step, *path))
+            if not isinstance(section, dict) or any(own == g or own.startswith(g + ".") for g in given):
                 continue
-            if key in _sweep_keys(section.get("sweep")):
-                raise ConfigError(
-                    f"override {key}={value}: the {step} sweep varies {key}, so one value for every "
-                    f"member would undo it; give {step}.sweep.{key}=[{value}] to train only that value, "
-                    f"or {step}.sweep.{key}=[...] for other values"
-                )
             node = section
             for part in path[:-1]:
                 node = node.get(part) if isinstance(node, dict) else None
             if isinstance(node, dict) and path[-1] in node:
-                log.info(
-                    "%s=%s from the command line replaces %s.%s=%s of the job file",
-                    key, value, step, ".".join(path), node[path[-1]],
-                )
+                replaced.append(f"{key}={value} replaces {own}={node[path[-1]]} of the job file")
                 del node[path[-1]]
+    return replaced
 
 
 def _substitute(value: Any, root: str) -> Any:
@@ -372,11 +392,11 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
         path, "job file", "sections (output_dir:, data:, mlm:, classify:, select:)",
         missing_hint=" (see jobs/demo.yaml for the format)",
     )
-    parsed = [parse_override(text) for text in overrides or []]
+    parsed = [item for text in overrides or [] for item in _dotted(*parse_override(text))]
     for key, value in parsed:
         _set_path(tree, key, value)
     _check_keys(tree, JOB_KEYS, "the top level")
-    _top_level_overrides_reach_every_step(tree, parsed)
+    replaced = _top_level_overrides_reach_every_step(tree, parsed)
     root = Path(str(tree.get("output_dir") or f"runs/{path.stem}")).expanduser().resolve()
     tree = _substitute(tree, str(root))
     name = str(tree.get("name") or path.stem)
@@ -410,9 +430,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
         section = _check_keys(section, allowed, phase)
         resources = _resources(cluster, section.get("resources"), where=f"{phase}.resources")
         accel = section.get("accelerate_config", tree.get("accelerate_config"))
-        env = {
-            **base_env,
+        env = {  # what the job file's env sections set wins over what the accelerate config implies
             **(accelerate_env(accel) if accel else {}),
+            **base_env,
             **_env_section(section.get("env"), f"{phase}.env"),
         }
         phase_flat = {**shared, **_flat_sections(section, MEMBER_SECTIONS, f"{phase}.")}
@@ -486,7 +506,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     if not steps:
         raise ConfigError("job file: nothing to submit; give an mlm and/or classify section")
     return Pipeline(
-        name, root, path.resolve(), max_requeues, steps, synthetic, hub, select_metric, candidates
+        name, root, path.resolve(), max_requeues, steps, synthetic, hub, select_metric, candidates, replaced
     )
 
 
@@ -507,7 +527,9 @@ def _env_section(section: Any, where: str) -> dict[str, str]:
         return {}
     if not isinstance(section, dict):
         raise ConfigError(f"job file: {where} must be a mapping of environment variables")
-    return {str(k): str(v) for k, v in section.items()}
+    # YAML reads `FOO: false` (or env.FOO=false) as a bool: the variable gets YAML's spelling back,
+    # not Python's "False", which tools that test for "false"/"true" do not recognise.
+    return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in section.items()}
 
 
 def _plan_member(

@@ -114,6 +114,7 @@ def _member_lines(pipeline: Pipeline, step: Step, job_id: str) -> list[str]:
 def describe(pipeline: Pipeline, ids: dict[str, str]) -> str:
     """The dependency graph, members, run directories and log folders, for people."""
     out = [f"[radtrain submit] {pipeline.name}: root {pipeline.root} (max_requeues={pipeline.max_requeues})"]
+    out += [f"  override: {line}" for line in getattr(pipeline, "replaced", [])]  # absent in older records
     for step in pipeline.steps:
         res = step.resources
         shape = f"array 0-{len(step.members) - 1}" if step.is_array else "single job"

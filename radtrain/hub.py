@@ -25,6 +25,7 @@ is sent anywhere. The Hub is unreachable from CI; this replaces only the client 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -565,10 +566,11 @@ def prefetch_targets(config: str | None, overrides: list[str]) -> tuple[list[str
     RunConfig whose settings the rest uses (a job file's first member). A job file's members are
     planned as `radtrain submit` plans them; a classifier starting from an MLM member of the
     same pipeline has nothing to fetch."""
-    from radtrain.cluster.jobfile import JOB_ONLY_KEYS, load_job
-    from radtrain.config import load_config, read_yaml_mapping
+    from radtrain.cluster.jobfile import load_job
+    from radtrain.config import PHASES, load_config, read_yaml_mapping
 
-    if config is not None and JOB_ONLY_KEYS & set(read_yaml_mapping(config, "config file", "sections")):
+    # A job file has an mlm: or classify: section; a run config never does.
+    if config is not None and set(PHASES) & set(read_yaml_mapping(config, "config file", "sections")):
         pipeline = load_job(config, overrides)
         configs = [member.config for step in pipeline.steps for member in step.members]
         if not configs:
@@ -577,14 +579,15 @@ def prefetch_targets(config: str | None, overrides: list[str]) -> tuple[list[str
         models = [
             str(m) for c in configs for m in (c.model.init_from, c.model.name) if m and not str(m).startswith(inside)
         ]
-        return models, [c.data for c in configs], configs[0]
+        # One config for the options every download shares: remote code is trusted if any run trusts it.
+        trust = any(c.model.trust_remote_code for c in configs)
+        first = dataclasses.replace(configs[0], model=dataclasses.replace(configs[0].model, trust_remote_code=trust))
+        return models, [c.data for c in configs], first
     cfg = load_config(config, overrides)
     return [m for m in (cfg.model.init_from, cfg.model.name) if m], [cfg.data], cfg
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from huggingface_hub import constants
 
     overrides = list(args.overrides)
@@ -616,7 +619,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - report every item, then fail
             failed.append(model_id)
             print(f"radtrain prefetch: model {model_id} failed: {_short(exc)}", file=sys.stderr)
-    for data_cfg in {repr(d): d for d in datasets}.values():  # one download per source and settings
+    # One read per dataset and columns (a sweep over data.max_length reads the same download).
+    for data_cfg in {(d.source, d.text_column, d.label_column): d for d in datasets}.values():
         source = data_cfg.source
         if _is_local(source):
             print(f"data {source}: local, nothing to fetch")

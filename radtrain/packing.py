@@ -385,25 +385,27 @@ def _attention_dropout(config) -> float:
 
 def check_before_start(
     setting: str, attention: str, attn_implementation: str | None, device: torch.device, mixed_precision: str,
-    model_config,
+    model_config, warn: bool = True,
 ) -> None:
     """What ``resolve`` and ``enable`` would decide and refuse for this model's config on this
-    device, checked before the run reads data, trains a tokenizer or writes anything."""
+    device, checked before the run reads data, trains a tokenizer or writes anything. ``warn``
+    (the main process): say when a chosen ``data.packed_attention`` goes unused."""
     modernbert = getattr(model_config, "model_type", None) == "modernbert"
     dropout = _attention_dropout(model_config)
-    if _packs(setting, modernbert, device, mixed_precision, attn_implementation, dropout):
-        what = f"a {getattr(model_config, 'model_type', None) or type(model_config).__name__} model"
+    what = f"a {getattr(model_config, 'model_type', None) or type(model_config).__name__} model"
+    padded = _padded_reason(setting, modernbert, device, mixed_precision, attn_implementation, dropout)
+    if padded is None:
         _packed_attention_name(modernbert, what, attn_implementation, mixed_precision, attention, device, dropout)
-    elif attention != "auto":
-        # Chosen on purpose and silently unused: the run trains padded batches, so say so.
-        why = (
-            "data.packing=off"
-            if setting == "off"
-            else "data.packing=auto packs only a ModernBERT trained in bf16/fp16 on a GPU with a varlen kernel"
-        )
+    elif attention != "auto" and warn:
+        # Chosen on purpose and otherwise unused without a word: say so, and whether packing could use it.
+        try:
+            _packed_attention_name(modernbert, what, attn_implementation, mixed_precision, attention, device, dropout)
+            fix = "data.packing=on packs with it"
+        except ConfigError as exc:
+            fix = f"data.packing=on would not help: {exc}"
         log.warning(
-            "data.packed_attention=%s has no effect: this run trains padded batches (%s; data.packing=on "
-            "packs anyway)", attention, why,
+            "data.packed_attention=%s has no effect: this run trains padded batches (%s). %s",
+            attention, padded, fix,
         )
 
 
@@ -521,17 +523,33 @@ def _packs(
     setting: str, modernbert: bool, device: torch.device, mixed_precision: str, attn_implementation: str | None,
     dropout: float,
 ) -> bool:
+    return _padded_reason(setting, modernbert, device, mixed_precision, attn_implementation, dropout) is None
+
+
+def _padded_reason(
+    setting: str, modernbert: bool, device: torch.device, mixed_precision: str, attn_implementation: str | None,
+    dropout: float,
+) -> str | None:
+    """Why this run trains padded batches, or None where it packs."""
     if setting == "off":
-        return False
+        return "data.packing=off"
     if setting == "on":
-        return True
-    if device.type != "cuda" or mixed_precision not in ("bf16", "fp16") or not modernbert:
-        return False
+        return None
+    auto = "data.packing=auto packs"
+    if not modernbert:
+        return f"{auto} ModernBERT models only"
+    if device.type != "cuda":
+        return f"{auto} on a GPU only; this run is on {device.type}"
+    if mixed_precision not in ("bf16", "fp16"):
+        return f"{auto} in bf16/fp16 only; this run is in {mixed_precision}"
     if dropout and attn_implementation != "flash_attention_2":
-        return False  # radtrain's packed attention applies no dropout (flash-attn's does); padded batches do
+        # radtrain's packed attention applies no dropout (flash-attn's does); padded batches do
+        return f"{auto} a config with attention_dropout={dropout} only with flash_attention_2"
     if attn_implementation not in (None, "flash_attention_2", ATTN_NAME):
-        return False
-    return flash_attn_usable() or torch_varlen_kernel()
+        return f"{auto} not with model.attn_implementation={attn_implementation!r}"
+    if not (flash_attn_usable() or torch_varlen_kernel()):
+        return f"{auto} only where a varlen kernel runs (flash-attn, or torch >= 2.10 on an Ampere or newer GPU)"
+    return None
 
 
 # -- batches ---------------------------------------------------------------------------------------

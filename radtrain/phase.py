@@ -409,7 +409,7 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     configure_cuda()
     packing.check_before_start(
         cfg.data.packing, cfg.data.packed_attention, cfg.model.attn_implementation, accelerator.device,
-        accelerator.mixed_precision, model_config,
+        accelerator.mixed_precision, model_config, warn=accelerator.is_main_process,
     )
     run_dir = Path(cfg.output_dir)
     check_run_dir(cfg, phase, accelerator.num_processes, checkpoint_layout(accelerator))

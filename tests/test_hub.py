@@ -419,6 +419,9 @@ def test_prefetch_reads_a_job_file(tmp_path, monkeypatch, capsys):
     # The classifiers start from the pipeline's own MLM exports: nothing of theirs is on the Hub.
     assert set(models) == {"answerdotai/ModernBERT-large"}
     assert {d.source for d in data} == {"eltorio/ROCOv2-radiology"} and {d.label_column for d in data} == {"cui"}
+    # Remote code is trusted for the downloads if any run trusts it (it came from the first member only).
+    _, _, cfg = prefetch_targets(job, [f"output_dir={tmp_path / 'p'}", "classify.model.trust_remote_code=true"])
+    assert cfg.model.trust_remote_code is True
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     demo = str(REPO / "jobs" / "demo.yaml")

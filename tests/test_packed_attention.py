@@ -309,10 +309,13 @@ def test_a_chosen_packed_attention_that_a_padded_run_ignores_is_named(caplog):
         packing.check_before_start("auto", "flex", None, torch.device("cpu"), "no", config)
         packing.check_before_start("off", "blocks", None, torch.device("cpu"), "no", config)
         packing.check_before_start("auto", "auto", None, torch.device("cpu"), "no", config)
+        packing.check_before_start("auto", "blocks", None, torch.device("cpu"), "no", config, warn=False)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2
-    assert "data.packed_attention=flex has no effect" in warnings[0] and "data.packing=on" in warnings[0]
-    assert "data.packing=off" in warnings[1]
+    # Flex cannot train here at all: packing is not offered as the way to use it.
+    assert "data.packed_attention=flex has no effect" in warnings[0] and "on a GPU only; this run is on cpu" in warnings[0]
+    assert "data.packing=on would not help: data.packed_attention=flex trains on CUDA only" in warnings[0]
+    assert "(data.packing=off). data.packing=on packs with it" in warnings[1]
 
 
 @pytest.mark.gpu

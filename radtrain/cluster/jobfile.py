@@ -44,8 +44,6 @@ JOB_KEYS = {
     *SECTIONS,
     *STEPS,
 }
-# Top-level keys a run config never has: a file with one of them is a job file.
-JOB_ONLY_KEYS = JOB_KEYS - set(SECTIONS) - {"output_dir"}
 PHASE_KEYS = {*MEMBER_SECTIONS, "sweep", "resources", "accelerate_config", "env"}
 SELECT_KEYS = {"metric", "resources", "env"}
 SYNTHETIC_KEYS = {"n_train", "n_validation", "n_test", "seed"}

@@ -51,7 +51,15 @@ EXIT_RESUME = 75  # EX_TEMPFAIL: "stopped cleanly on a signal, start me again to
 
 
 class ResumeRequested(RuntimeError):
-    """A stop signal arrived; a checkpoint was saved and the run should be started again."""
+    """A stop signal arrived; a checkpoint was saved and the run should be started again.
+
+    ``requeue``: the signal asked for a requeue (USR1/USR2: SLURM's warning before a time limit,
+    submitit's and radtrain's ``--signal``), not for the job to end (TERM/INT: ``scancel``, Ctrl-C;
+    a preemption that requeues the job has SLURM requeue it). Agreed by every rank."""
+
+    def __init__(self, message: str, requeue: bool = True) -> None:
+        super().__init__(message)
+        self.requeue = requeue
 
 
 class NonFiniteLossError(RuntimeError):
@@ -126,6 +134,11 @@ class StopFlag:
     """Remembers SIGTERM/SIGINT/SIGUSR1/SIGUSR2 until the next step boundary."""
 
     SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+    ENDING = (signal.SIGTERM, signal.SIGINT)  # stop, do not requeue (scancel, Ctrl-C)
+
+    @property
+    def ends(self) -> bool:
+        return self.signum in self.ENDING
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -217,6 +230,7 @@ class Trainer:
         self.state = TrainerState(total_steps=self.total_steps, warmup_steps=warmup)
         self.stop = StopFlag()
         self.stop_requested = False  # a stop signal seen by any rank, agreed at the last step
+        self.stop_ends = False  # ... and a TERM/INT among them: end, do not requeue (agreed likewise)
         # A log row the main process could not write: every rank raises once it is agreed (the
         # next step's flags, or the evaluation), so none waits in a collective for the main one.
         self.write_error: tuple[Path, OSError] | None = None
@@ -405,9 +419,11 @@ class Trainer:
             # a Ctrl-C ignored). Agreed by every rank, it stops the run here like anywhere else;
             # the rerun resumes at the end and only evaluates the test split.
             if any_rank(self.acc, self.stop.signum is not None):
+                ends = any_rank(self.acc, self.stop.ends)
                 self._save_checkpoint()  # a no-op: the last step was just saved
                 raise ResumeRequested(
-                    f"stopped on {self._stop_reason()} after the last step ({self.state.global_step}); checkpoint saved"
+                    f"stopped on {self._stop_reason()} after the last step ({self.state.global_step}); checkpoint saved",
+                    requeue=not ends,
                 )
         finally:
             self.stop.restore()
@@ -465,7 +481,10 @@ class Trainer:
                     self._save_checkpoint()
                 if self.stop_requested:
                     self._save_checkpoint()  # a no-op when this step was just saved above
-                    raise ResumeRequested(f"stopped on {self._stop_reason()} at step {st.global_step}; checkpoint saved")
+                    raise ResumeRequested(
+                        f"stopped on {self._stop_reason()} at step {st.global_step}; checkpoint saved",
+                        requeue=not self.stop_ends,
+                    )
 
     def _host_batches(
         self, epoch: int, step_in_epoch: int, micro: list[np.ndarray]
@@ -535,12 +554,13 @@ class Trainer:
         if grad_norm is not None:
             bad_norm = (~torch.isfinite(torch.as_tensor(grad_norm, device=device, dtype=torch.float32))).float()
         stop = torch.tensor(float(self.stop.signum is not None), device=device)
+        ends = torch.tensor(float(self.stop.ends), device=device)
         write_failed = torch.tensor(float(self.write_error is not None), device=device)
-        flags = torch.stack([total, stop, bad_norm, write_failed])
+        flags = torch.stack([total, stop, bad_norm, write_failed, ends])
         flags = self.acc.reduce(flags, "sum").cpu()
         loss_total, stop, bad_norm = float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0)
         self._raise_if_a_write_failed(bool(flags[3] > 0))
-        self.stop_requested = stop
+        self.stop_requested, self.stop_ends = stop, bool(flags[4] > 0)
         if not math.isfinite(loss_total) or bad_norm:
             self.optimizer.zero_grad(set_to_none=True)
             st.nan_steps_skipped += 1

@@ -429,3 +429,32 @@ def test_plain_sbatch_requeues_and_resumes_after_exit_75(tmp_path):
     text = log.read_text()
     assert row.get("Restarts") == "1", (row, text[-3000:])
     assert f"requeueing job {job}" in text and "resumed from" in text, text[-3000:]
+
+
+def test_scancel_of_a_submitit_member_stays_cancelled(tmp_path):
+    """scancel sends SIGTERM: the member saves a checkpoint and ends, recorded as stopped. It used
+    to requeue itself (as after USR2) and train to the end for a pipeline already cancelled."""
+    root = tmp_path / "pipe"
+    res = _run(
+        [PYTHON, "-m", "radtrain", "submit", "jobs/demo.yaml", f"output_dir={root}", "mlm=null",
+         "classify.init_from=null", "select=null", "classify.train.epochs=100", "classify.train.save_every_steps=2",
+         f"env.RADTRAIN_CACHE={tmp_path / 'cache'}"],
+        timeout=180, cwd=REPO, env=subprocess_env(),
+    )
+    assert res.returncode == 0, f"radtrain submit failed:\n{res.stdout}\n{res.stderr}"
+    member = json.loads((root / "pipeline.json").read_text())["steps"]["classify"]["members"][0]
+    job, run_dir = member["job_id"], Path(member["run_dir"])
+    try:
+        _wait(lambda: list(run_dir.glob("checkpoints/step-*/COMPLETE")), PLAIN_TIMEOUT_S, "a checkpoint", [job], root)
+        assert _run(["scancel", job]).returncode == 0
+        _wait(lambda: any(e.get("event") == "end" for e in _events(run_dir)) or None, 120, "the member's end",
+              [], root)
+        time.sleep(5)  # a requeue (the bug) shows as PENDING with Restarts=1 within a second or two
+        states = _jobs_state([job])
+        assert [r.get("JobState") for r in states] == ["CANCELLED"] and states[0].get("Restarts") == "0", (
+            states, _logs(root))
+        events = _events(run_dir)
+        assert [(e["event"], e.get("outcome")) for e in events] == [("start", None), ("end", "stopped")], events
+        assert "not requeued" in _logs(root)
+    finally:
+        _cancel([job])

@@ -18,9 +18,11 @@ Preemption and time limits (who owns the signal): SLURM sends USR2 to every task
 ``signal_delay_s`` before the limit (submitit's ``--signal=USR2@N``; ``scancel --signal=USR2`` or
 a preemption does the same). While the training loop runs, its StopFlag owns USR2/SIGTERM on every
 rank: the ranks agree at the next optimizer step (one all-reduce), all save the checkpoint (a
-collective that ends in a barrier) and raise ``ResumeRequested``; the member then requeues its own
-job (``scontrol requeue``, rank 0 only, after every rank has saved) and exits without a result, so
-submitit sees the job as unfinished. Outside the loop (data loading, test evaluation) submitit's
+collective that ends in a barrier) and raise ``ResumeRequested``; after USR1/USR2 the member then
+requeues its own job (``scontrol requeue``, rank 0 only, after every rank has saved) and exits
+without a result, so submitit sees the job as unfinished. After SIGTERM/SIGINT (``scancel``; a
+preemption with PreemptMode=REQUEUE, which SLURM requeues itself) it saves and exits the same way
+but does not requeue: a cancelled member stays cancelled. Outside the loop (data loading, test evaluation) submitit's
 own handler keeps USR2 on rank 0: it calls ``checkpoint()`` (there is nothing to save there) and
 requeues. The rerun has the same job id and the same run directory (named by member, not by job
 id), so it resumes from the newest checkpoint and continues the same tracking run. ``max_requeues``

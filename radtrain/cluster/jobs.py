@@ -162,8 +162,10 @@ class MemberJob(Checkpointable):
             # getattr: a member pickled before evaluate_test existed (a requeue across an upgrade).
             summary = run_phase(cfg, self.phase, evaluate_test=getattr(self, "evaluate_test", True))
         except ResumeRequested as exc:
+            if not exc.requeue:
+                self._stopped(exc, run_dir, job)
             self._requeue(exc, run_dir, job)
-            raise AssertionError("unreachable") from exc  # _requeue exits or raises
+            raise AssertionError("unreachable") from exc  # _stopped and _requeue exit or raise
         except BaseException as exc:
             if main:
                 _record(run_dir, "end", outcome="failed", error=repr(exc)[:500])
@@ -177,6 +179,22 @@ class MemberJob(Checkpointable):
             "validation": summary.get("validation"),
             "test": summary.get("test"),
         }
+
+    def _stopped(self, exc: BaseException, run_dir: Path, job) -> None:
+        """SIGTERM/SIGINT: ``scancel`` ends the job, so it is not requeued (the member used to
+        requeue itself and train on, with nothing left to use it). A preemption that requeues
+        the job has SLURM requeue it; the rerun resumes from this checkpoint all the same."""
+        from radtrain.trainer import EXIT_RESUME
+
+        if job.global_rank == 0:
+            _record(run_dir, "end", outcome="stopped", reason=str(exc))
+            print(
+                f"[radtrain] {self.name}: {exc}; not requeued (a TERM/INT signal: scancel, or a preemption "
+                "SLURM requeues itself). Resubmit the same job file to continue from this checkpoint.",
+                flush=True,
+            )
+        sys.stdout.flush()
+        sys.exit(EXIT_RESUME)
 
     def _requeue(self, exc: BaseException, run_dir: Path, job) -> None:
         """Every rank saved the checkpoint (the save is collective and ends in a barrier) before any

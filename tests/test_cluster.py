@@ -433,3 +433,31 @@ def test_members_leave_the_test_split_to_the_selection(tmp_path, roco_path, monk
     assert len(cards) == 1, cards
     card = cards[0].read_text()
     assert f"{test['f1']:.4f}" in card
+
+
+def test_resubmitting_a_best_mode_pipeline_continues_its_classifiers(tmp_path, capsys):
+    """classify.init_from=best (jobs/rocov2_large.yaml) plans members without init_from and picks
+    the MLM member when each starts; a resubmission compared that plan with the started member's
+    saved init_from and refused it ("other settings"), so a member past max_requeues could never
+    be continued. The dry run said yes to the same command."""
+    import dataclasses
+
+    root = tmp_path / "p"
+    overrides = [f"output_dir={root}", "classify.init_from=best"]
+    member = next(s for s in load_job(REPO / "jobs" / "demo.yaml", overrides).steps if s.name == "classify").members[0]
+    parent = member.init_from_best[1]
+    started = dataclasses.replace(member.config, model=dataclasses.replace(member.config.model, init_from=str(parent / "best")))
+    (member.run_dir / "checkpoints").mkdir(parents=True)
+    (member.run_dir / "config.yaml").write_text(started.to_yaml())
+    (member.run_dir / "summary.json").write_text("{}")
+
+    from radtrain.cluster.submit import _check_existing_runs
+
+    _check_existing_runs(load_job(REPO / "jobs" / "demo.yaml", overrides))  # what submit checks: raised
+    rc, out, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", *overrides)
+    assert rc == 0, err
+    # Another choice is still refused, now at the dry run too.
+    other = dataclasses.replace(started, train=dataclasses.replace(started.train, lr=0.5))
+    (member.run_dir / "config.yaml").write_text(other.to_yaml())
+    rc, out, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", *overrides)
+    assert rc == 2 and "other settings" in err and "train.lr" in err

@@ -77,6 +77,20 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def chosen_parent(run_dir: Path, candidates: list[Path]) -> Path | None:
+    """The MLM run a classifier member in 'best' mode started from, if it has started: its saved
+    config names that run's best/. A resumed or resubmitted member continues from it (its
+    checkpoints were trained from it) instead of choosing again."""
+    from radtrain.config import read_saved_config
+
+    saved = read_saved_config(run_dir)
+    init_from = saved.model.init_from if saved is not None else None
+    for parent in candidates:
+        if init_from is not None and Path(init_from) == Path(parent) / "best":
+            return Path(parent)
+    return None
+
+
 def pick_best(run_dirs: list[Path], metric: str | None = None) -> tuple[Path, float, dict[str, float]]:
     """The run whose validation ``metric`` (default: each run's own best_metric) is best; ties go to
     the first run in the list, so every member choosing makes the same choice."""
@@ -138,13 +152,16 @@ class MemberJob(Checkpointable):
         job = _job_env()
         config = copy.deepcopy(self.config)
         if self.init_from_best:
-            parent, value, scores = pick_best([Path(p) for p in self.init_from_best])
+            candidates = [Path(p) for p in self.init_from_best]
+            parent = chosen_parent(Path(config["output_dir"]), candidates)
+            if parent is not None:
+                why = "chosen when this member started"
+            else:
+                parent, value, scores = pick_best(candidates)
+                why = f"MLM validation {scores}"
             config["model"]["init_from"] = str(parent / "best")
             if job.global_rank == 0:
-                print(
-                    f"[radtrain] {self.name}: starting from {parent / 'best'} (MLM validation {scores})",
-                    flush=True,
-                )
+                print(f"[radtrain] {self.name}: starting from {parent / 'best'} ({why})", flush=True)
         cfg = config_from_dict(config)
         run_dir = Path(cfg.output_dir)
         main = job.global_rank == 0

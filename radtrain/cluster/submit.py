@@ -160,12 +160,20 @@ def _has_data(pipeline: Pipeline) -> bool:
 def _check_existing_runs(pipeline: Pipeline) -> None:
     """A resubmission continues members from their checkpoints; one whose settings changed would
     only fail on the compute node (fingerprint check): refuse it here."""
+    import dataclasses
+
+    from radtrain.cluster.jobs import chosen_parent
     from radtrain.phase import check_run_dir
 
     for step in pipeline.steps:
         for m in step.members:
-            if (m.run_dir / "checkpoints").is_dir():
-                check_run_dir(m.config, m.phase, step.resources.world_size)
+            if not (m.run_dir / "checkpoints").is_dir():
+                continue
+            config = m.config
+            parent = chosen_parent(m.run_dir, m.init_from_best) if m.init_from_best else None
+            if parent is not None:  # 'best' mode: planned without init_from, chosen when it started
+                config = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=str(parent / "best")))
+            check_run_dir(config, m.phase, step.resources.world_size)
 
 
 def submit(pipeline: Pipeline) -> dict[str, str]:
@@ -281,6 +289,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if flags:
         raise ConfigError(f"submit: unknown option(s) {flags}; options: --dry-run")
     pipeline = load_job(args.job, overrides)
+    _check_existing_runs(pipeline)  # the dry run too: it said yes to what submit then refused
     if dry:
         print(dry_run(pipeline))
         return 0

@@ -433,18 +433,22 @@ def test_plain_sbatch_requeues_and_resumes_after_exit_75(tmp_path):
 
 def test_scancel_of_a_submitit_member_stays_cancelled(tmp_path):
     """scancel sends SIGTERM: the member saves a checkpoint and ends, recorded as stopped. It used
-    to requeue itself (as after USR2) and train to the end for a pipeline already cancelled."""
+    to requeue itself (as after USR2) and train to the end for a pipeline already cancelled.
+    While it runs, a second submit into the same root is refused (both trained the same run
+    directories at once, and the second record replaced the first)."""
     root = tmp_path / "pipe"
-    res = _run(
-        [PYTHON, "-m", "radtrain", "submit", "jobs/demo.yaml", f"output_dir={root}", "mlm=null",
-         "classify.init_from=null", "select=null", "classify.train.epochs=100", "classify.train.save_every_steps=2",
-         f"env.RADTRAIN_CACHE={tmp_path / 'cache'}"],
-        timeout=180, cwd=REPO, env=subprocess_env(),
-    )
+    command = [PYTHON, "-m", "radtrain", "submit", "jobs/demo.yaml", f"output_dir={root}", "mlm=null",
+               "classify.init_from=null", "select=null", "classify.train.epochs=100",
+               "classify.train.save_every_steps=2", f"env.RADTRAIN_CACHE={tmp_path / 'cache'}"]
+    res = _run(command, timeout=180, cwd=REPO, env=subprocess_env())
     assert res.returncode == 0, f"radtrain submit failed:\n{res.stdout}\n{res.stderr}"
     member = json.loads((root / "pipeline.json").read_text())["steps"]["classify"]["members"][0]
     job, run_dir = member["job_id"], Path(member["run_dir"])
     try:
+        again = _run(command, timeout=180, cwd=REPO, env=subprocess_env())
+        assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
+        assert f"scancel {job}" in again.stderr
+        assert json.loads((root / "pipeline.json").read_text())["steps"]["classify"]["job_id"] == job
         _wait(lambda: list(run_dir.glob("checkpoints/step-*/COMPLETE")), PLAIN_TIMEOUT_S, "a checkpoint", [job], root)
         assert _run(["scancel", job]).returncode == 0
         _wait(lambda: any(e.get("event") == "end" for e in _events(run_dir)) or None, 120, "the member's end",

@@ -176,6 +176,50 @@ def _check_existing_runs(pipeline: Pipeline) -> None:
             check_run_dir(config, m.phase, step.resources.world_size)
 
 
+def _live_jobs(job_ids: list[str]) -> list[str]:
+    """'<id> <state>' for each of these jobs (array tasks included) still queued or running; none
+    where squeue is missing (a dry run away from SLURM) or knows none of them (finished)."""
+    if not job_ids or shutil.which("squeue") is None:
+        return []
+    try:
+        res = subprocess.run(
+            ["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("squeue: %s; not checking for a pipeline still running in this root", exc)
+        return []
+    return [line.strip() for line in res.stdout.splitlines() if line.strip()] if res.returncode == 0 else []
+
+
+def _check_no_live_pipeline(pipeline: Pipeline) -> None:
+    """A second pipeline submitted into a root whose first is still queued or running trained the
+    same run directories at once (duplicated metrics rows, best/ from whichever wrote last) and
+    replaced the first's record: refuse it, naming the jobs."""
+    path = pipeline.root / PIPELINE_FILE
+    try:
+        record = json.loads(path.read_text())
+        ids = [str(step["job_id"]) for step in record.get("steps", {}).values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no record, or one we cannot read: nothing known to be running
+    live = _live_jobs(ids)
+    if live:
+        raise ConfigError(
+            f"{pipeline.root} holds a pipeline whose jobs are still queued or running ({', '.join(live[:8])}"
+            f"{', ...' if len(live) > 8 else ''}; {path}): another would train the same run directories at the "
+            f"same time. Wait for them to end, or cancel them first (scancel {' '.join(ids)}), then submit again: "
+            "members continue from their checkpoints."
+        )
+
+
+def _keep_previous_record(pipeline: Pipeline) -> None:
+    """A resubmission's record replaces pipeline.json: the earlier one is kept beside it (its job
+    ids are where the earlier runs' logs are)."""
+    path = pipeline.root / PIPELINE_FILE
+    if path.is_file():
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(path.stat().st_mtime))
+        os.replace(path, path.with_name(f"pipeline.{stamp}.json"))
+
+
 def submit(pipeline: Pipeline) -> dict[str, str]:
     """Queue every step; returns {step: job id} (an array's id for arrays)."""
     import submitit
@@ -186,7 +230,9 @@ def submit(pipeline: Pipeline) -> dict[str, str]:
 
         write_dataset(_data_dir(pipeline), **pipeline.synthetic_data)
     _check_existing_runs(pipeline)
+    _check_no_live_pipeline(pipeline)
     pipeline.root.mkdir(parents=True, exist_ok=True)
+    _keep_previous_record(pipeline)
     ids: dict[str, str] = {}
     submitted_at = time.time()
     # Submitting from inside a SLURM job would hand the children our SLURM_*/RANK variables.
@@ -289,7 +335,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if flags:
         raise ConfigError(f"submit: unknown option(s) {flags}; options: --dry-run")
     pipeline = load_job(args.job, overrides)
-    _check_existing_runs(pipeline)  # the dry run too: it said yes to what submit then refused
+    # The dry run too: it said yes to what submit then refused.
+    _check_existing_runs(pipeline)
+    _check_no_live_pipeline(pipeline)
     if dry:
         print(dry_run(pipeline))
         return 0

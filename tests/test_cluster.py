@@ -461,3 +461,22 @@ def test_resubmitting_a_best_mode_pipeline_continues_its_classifiers(tmp_path, c
     (member.run_dir / "config.yaml").write_text(other.to_yaml())
     rc, out, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", *overrides)
     assert rc == 2 and "other settings" in err and "train.lr" in err
+
+
+def test_other_synthetic_data_settings_for_an_existing_root_are_refused(tmp_path, capsys):
+    """synthetic_data.n_train=100 for a root whose data was written with 400 was ignored without a
+    word: the members resumed on the old data."""
+    from radtrain.data.synthetic import write_dataset
+
+    root = tmp_path / "p"
+    write_dataset(root / "data", n_train=400, n_validation=80, n_test=80, seed=0)  # jobs/demo.yaml's
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", f"output_dir={root}")
+    assert rc == 0, err
+    # Data written before the settings were recorded: the split sizes are compared.
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", f"output_dir={root}", "synthetic_data.n_train=100")
+    assert rc == 2 and "n_train: 400 -> 100" in err and "Use a new output_dir" in err
+    # Recorded settings (what submit writes with the data): the seed too.
+    record = {"n_train": 400, "n_validation": 80, "n_test": 80, "seed": 0}
+    (root / "data" / "synthetic.json").write_text(json.dumps(record))
+    rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", f"output_dir={root}", "synthetic_data.seed=5")
+    assert rc == 2 and "seed: 0 -> 5" in err

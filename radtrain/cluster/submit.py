@@ -157,6 +157,48 @@ def _has_data(pipeline: Pipeline) -> bool:
     return dataset_complete(_data_dir(pipeline))
 
 
+SYNTHETIC_RECORD = "synthetic.json"  # the synthetic_data settings the root's data was written with
+
+
+def _synthetic_settings(pipeline: Pipeline) -> dict[str, Any]:
+    """The job file's synthetic_data with write_dataset's defaults for what it leaves out."""
+    import inspect
+
+    from radtrain.data.synthetic import write_dataset
+
+    defaults = {
+        name: p.default for name, p in inspect.signature(write_dataset).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **(pipeline.synthetic_data or {})}
+
+
+def _check_synthetic_data(pipeline: Pipeline) -> None:
+    """The root's synthetic data is written once and reused; a job file (or override) asking for
+    other synthetic_data settings was ignored without a word, and the members resumed on the
+    old data. Refuse it, naming both."""
+    if not pipeline.synthetic_data or not _has_data(pipeline):
+        return
+    data_dir = _data_dir(pipeline)
+    wanted = _synthetic_settings(pipeline)
+    record = data_dir / SYNTHETIC_RECORD
+    if record.is_file():
+        written = json.loads(record.read_text())
+    else:  # written before the record existed: the split sizes are all there is to compare
+        written = {
+            f"n_{split}": sum(1 for _ in (data_dir / f"{split}.jsonl").open()) for split in ("train", "validation", "test")
+        }
+        wanted = {k: v for k, v in wanted.items() if k in written}
+    differing = {k: (written.get(k), v) for k, v in wanted.items() if written.get(k) != v}
+    if differing:
+        shown = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in differing.items())
+        raise ConfigError(
+            f"{data_dir} holds synthetic data written with other synthetic_data settings ({shown}); this pipeline's "
+            "members would train on the old data. Use a new output_dir, or delete that data folder and the run "
+            "directories trained on it."
+        )
+
+
 def _check_existing_runs(pipeline: Pipeline) -> None:
     """A resubmission continues members from their checkpoints; one whose settings changed would
     only fail on the compute node (fingerprint check): refuse it here."""
@@ -228,7 +270,9 @@ def submit(pipeline: Pipeline) -> dict[str, str]:
     if pipeline.synthetic_data and not _has_data(pipeline):
         from radtrain.data.synthetic import write_dataset
 
-        write_dataset(_data_dir(pipeline), **pipeline.synthetic_data)
+        out = write_dataset(_data_dir(pipeline), **pipeline.synthetic_data)
+        (out / SYNTHETIC_RECORD).write_text(json.dumps(_synthetic_settings(pipeline), indent=1) + "\n")
+    _check_synthetic_data(pipeline)
     _check_existing_runs(pipeline)
     _check_no_live_pipeline(pipeline)
     pipeline.root.mkdir(parents=True, exist_ok=True)
@@ -336,6 +380,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"submit: unknown option(s) {flags}; options: --dry-run")
     pipeline = load_job(args.job, overrides)
     # The dry run too: it said yes to what submit then refused.
+    _check_synthetic_data(pipeline)
     _check_existing_runs(pipeline)
     _check_no_live_pipeline(pipeline)
     if dry:

@@ -136,13 +136,20 @@ class StopFlag:
     SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
     ENDING = (signal.SIGTERM, signal.SIGINT)  # stop, do not requeue (scancel, Ctrl-C)
 
-    @property
-    def ends(self) -> bool:
-        return self.signum in self.ENDING
-
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the last one, for messages
+        self.seen: set[int] = set()
         self._previous: dict[int, object] = {}
+
+    @property
+    def asks_end(self) -> bool:
+        return bool(self.seen & set(self.ENDING))
+
+    @property
+    def asks_requeue(self) -> bool:
+        """USR1/USR2: the time-limit warning. It wins over a TERM that follows it (the limit's own
+        TERM can come before the next step boundary when the warning landed in an evaluation)."""
+        return bool(self.seen - set(self.ENDING))
 
     def install(self) -> None:
         for name in self.SIGNALS:
@@ -154,6 +161,7 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        self.seen.add(signum)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -419,7 +427,7 @@ class Trainer:
             # a Ctrl-C ignored). Agreed by every rank, it stops the run here like anywhere else;
             # the rerun resumes at the end and only evaluates the test split.
             if any_rank(self.acc, self.stop.signum is not None):
-                ends = any_rank(self.acc, self.stop.ends)
+                ends = any_rank(self.acc, self.stop.asks_end) and not any_rank(self.acc, self.stop.asks_requeue)
                 self._save_checkpoint()  # a no-op: the last step was just saved
                 raise ResumeRequested(
                     f"stopped on {self._stop_reason()} after the last step ({self.state.global_step}); checkpoint saved",
@@ -554,13 +562,14 @@ class Trainer:
         if grad_norm is not None:
             bad_norm = (~torch.isfinite(torch.as_tensor(grad_norm, device=device, dtype=torch.float32))).float()
         stop = torch.tensor(float(self.stop.signum is not None), device=device)
-        ends = torch.tensor(float(self.stop.ends), device=device)
+        ends = torch.tensor(float(self.stop.asks_end), device=device)
+        requeue = torch.tensor(float(self.stop.asks_requeue), device=device)
         write_failed = torch.tensor(float(self.write_error is not None), device=device)
-        flags = torch.stack([total, stop, bad_norm, write_failed, ends])
+        flags = torch.stack([total, stop, bad_norm, write_failed, ends, requeue])
         flags = self.acc.reduce(flags, "sum").cpu()
         loss_total, stop, bad_norm = float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0)
         self._raise_if_a_write_failed(bool(flags[3] > 0))
-        self.stop_requested, self.stop_ends = stop, bool(flags[4] > 0)
+        self.stop_requested, self.stop_ends = stop, bool(flags[4] > 0) and not flags[5] > 0
         if not math.isfinite(loss_total) or bad_norm:
             self.optimizer.zero_grad(set_to_none=True)
             st.nan_steps_skipped += 1

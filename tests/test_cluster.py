@@ -480,3 +480,9 @@ def test_other_synthetic_data_settings_for_an_existing_root_are_refused(tmp_path
     (root / "data" / "synthetic.json").write_text(json.dumps(record))
     rc, _, err = _submit(capsys, "jobs/demo.yaml", "--dry-run", f"output_dir={root}", "synthetic_data.seed=5")
     assert rc == 2 and "seed: 0 -> 5" in err
+    # A record without a setting (one write_dataset gained later) compares what it holds; a torn
+    # record falls back to the split sizes instead of a JSONDecodeError traceback.
+    (root / "data" / "synthetic.json").write_text(json.dumps({"n_train": 400}))
+    assert _submit(capsys, "jobs/demo.yaml", "--dry-run", f"output_dir={root}")[0] == 0
+    (root / "data" / "synthetic.json").write_text('{"n_train": 4')
+    assert _submit(capsys, "jobs/demo.yaml", "--dry-run", f"output_dir={root}")[0] == 0

@@ -263,3 +263,19 @@ def test_mlm_two_processes_agree_with_one(tmp_path, roco_dir):
     for a, b in zip(logs["one"], logs["two"], strict=True):
         assert b["step"] == a["step"]
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), a["step"]  # measured ~2e-7
+
+
+def test_a_time_limit_warning_followed_by_term_still_asks_for_a_requeue():
+    """USR2 (the warning before a time limit) and then the limit's TERM before the next step
+    boundary: the member must requeue. Only the last signal was kept, so it ended instead."""
+    import signal
+
+    from radtrain.trainer import StopFlag
+
+    flag = StopFlag()
+    flag._handle(signal.SIGUSR2, None)
+    flag._handle(signal.SIGTERM, None)
+    assert flag.asks_requeue and flag.asks_end and flag.signum == signal.SIGTERM
+    scancel = StopFlag()
+    scancel._handle(signal.SIGTERM, None)
+    assert scancel.asks_end and not scancel.asks_requeue

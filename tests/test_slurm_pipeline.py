@@ -462,3 +462,21 @@ def test_scancel_of_a_submitit_member_stays_cancelled(tmp_path):
         assert "not requeued" in _logs(root)
     finally:
         _cancel([job])
+
+
+def test_a_recorded_job_id_now_held_by_another_job_does_not_block_a_submit(tmp_path):
+    """SLURM reuses job ids (a wrap, a reset state, a root copied from another cluster): a
+    pipeline.json naming an id that is now someone else's job must not refuse the submit and
+    tell the user to scancel that job."""
+    other = _run(["sbatch", "--parsable", "-J", "unrelated", "-o", str(tmp_path / "o.out"), "--wrap", "sleep 60"])
+    assert other.returncode == 0, other.stderr
+    job = other.stdout.strip().split(";")[0]
+    try:
+        root = tmp_path / "pipe"
+        root.mkdir()
+        (root / "pipeline.json").write_text(json.dumps({"steps": {"mlm": {"job_id": job}}}))
+        res = _run([PYTHON, "-m", "radtrain", "submit", "jobs/demo.yaml", "--dry-run", f"output_dir={root}"],
+                   timeout=180, cwd=REPO, env=subprocess_env())
+        assert res.returncode == 0, res.stderr
+    finally:
+        _cancel([job])

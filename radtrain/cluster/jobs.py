@@ -206,8 +206,9 @@ class MemberJob(Checkpointable):
         if job.global_rank == 0:
             _record(run_dir, "end", outcome="stopped", reason=str(exc))
             print(
-                f"[radtrain] {self.name}: {exc}; not requeued (a TERM/INT signal: scancel, or a preemption "
-                "SLURM requeues itself). Resubmit the same job file to continue from this checkpoint.",
+                f"[radtrain] {self.name}: {exc}; not requeued by radtrain (a TERM/INT signal: scancel, or a "
+                "scontrol requeue / preemption that SLURM reruns itself). After a scancel, resubmit the same job "
+                "file to continue from this checkpoint.",
                 flush=True,
             )
         sys.stdout.flush()

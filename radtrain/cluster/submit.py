@@ -17,6 +17,7 @@ from typing import Any
 from radtrain.cluster.jobfile import PIPELINE_FILE, SELECTION_FILE, Pipeline, Step, load_job
 from radtrain.cluster.jobs import MemberJob, SelectJob
 from radtrain.config import ConfigError
+from radtrain.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,16 @@ def _check_synthetic_data(pipeline: Pipeline) -> None:
         return
     data_dir = _data_dir(pipeline)
     wanted = _synthetic_settings(pipeline)
-    record = data_dir / SYNTHETIC_RECORD
-    if record.is_file():
-        written = json.loads(record.read_text())
-    else:  # written before the record existed: the split sizes are all there is to compare
+    try:
+        written = json.loads((data_dir / SYNTHETIC_RECORD).read_text())
+        if not isinstance(written, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError):  # written before the record existed (or a torn one): the sizes
         written = {
             f"n_{split}": sum(1 for _ in (data_dir / f"{split}.jsonl").open()) for split in ("train", "validation", "test")
         }
-        wanted = {k: v for k, v in wanted.items() if k in written}
+    # Only what the record holds: a setting write_dataset gains later does not refuse old data.
+    wanted = {k: v for k, v in wanted.items() if k in written}
     differing = {k: (written.get(k), v) for k, v in wanted.items() if written.get(k) != v}
     if differing:
         shown = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in differing.items())
@@ -218,19 +221,31 @@ def _check_existing_runs(pipeline: Pipeline) -> None:
             check_run_dir(config, m.phase, step.resources.world_size)
 
 
-def _live_jobs(job_ids: list[str]) -> list[str]:
-    """'<id> <state>' for each of these jobs (array tasks included) still queued or running; none
-    where squeue is missing (a dry run away from SLURM) or knows none of them (finished)."""
+def _live_jobs(job_ids: list[str], job_names: set[str]) -> list[str]:
+    """'<id> <state>' for each of these jobs (array tasks included) still queued or running and
+    still this pipeline's: the same job name and this user (SLURM reuses ids after a wrap or a
+    reset, and a root may come from another cluster). None where squeue is missing (a dry run away
+    from SLURM) or knows none of them (finished)."""
+    import getpass
+
     if not job_ids or shutil.which("squeue") is None:
         return []
     try:
         res = subprocess.run(
-            ["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=60
+            ["squeue", "-h", "-o", "%i %T %j %u", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=60
         )
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("squeue: %s; not checking for a pipeline still running in this root", exc)
         return []
-    return [line.strip() for line in res.stdout.splitlines() if line.strip()] if res.returncode == 0 else []
+    if res.returncode != 0:  # every id unknown: all of them finished long ago
+        return []
+    user = getpass.getuser()
+    live = []
+    for line in res.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[2] in job_names and fields[3] == user:
+            live.append(f"{fields[0]} {fields[1]}")
+    return live
 
 
 def _check_no_live_pipeline(pipeline: Pipeline) -> None:
@@ -243,12 +258,13 @@ def _check_no_live_pipeline(pipeline: Pipeline) -> None:
         ids = [str(step["job_id"]) for step in record.get("steps", {}).values()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # no record, or one we cannot read: nothing known to be running
-    live = _live_jobs(ids)
+    live = _live_jobs(ids, {step.job_name for step in pipeline.steps})
     if live:
+        jobs = sorted({entry.split()[0].split("_")[0] for entry in live})
         raise ConfigError(
             f"{pipeline.root} holds a pipeline whose jobs are still queued or running ({', '.join(live[:8])}"
             f"{', ...' if len(live) > 8 else ''}; {path}): another would train the same run directories at the "
-            f"same time. Wait for them to end, or cancel them first (scancel {' '.join(ids)}), then submit again: "
+            f"same time. Wait for them to end, or cancel them first (scancel {' '.join(jobs)}), then submit again: "
             "members continue from their checkpoints."
         )
 
@@ -259,7 +275,12 @@ def _keep_previous_record(pipeline: Pipeline) -> None:
     path = pipeline.root / PIPELINE_FILE
     if path.is_file():
         stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(path.stat().st_mtime))
-        os.replace(path, path.with_name(f"pipeline.{stamp}.json"))
+        kept = path.with_name(f"pipeline.{stamp}.json")
+        number = 1
+        while kept.exists():  # two submits in one second: keep both
+            number += 1
+            kept = path.with_name(f"pipeline.{stamp}-{number}.json")
+        os.replace(path, kept)
 
 
 def submit(pipeline: Pipeline) -> dict[str, str]:
@@ -271,7 +292,7 @@ def submit(pipeline: Pipeline) -> dict[str, str]:
         from radtrain.data.synthetic import write_dataset
 
         out = write_dataset(_data_dir(pipeline), **pipeline.synthetic_data)
-        (out / SYNTHETIC_RECORD).write_text(json.dumps(_synthetic_settings(pipeline), indent=1) + "\n")
+        write_json(out / SYNTHETIC_RECORD, _synthetic_settings(pipeline))  # atomic
     _check_synthetic_data(pipeline)
     _check_existing_runs(pipeline)
     _check_no_live_pipeline(pipeline)

@@ -426,18 +426,29 @@ class Trainer:
             # step's agreement: the loop has ended and would drop it (a scheduler's warning lost,
             # a Ctrl-C ignored). Agreed by every rank, it stops the run here like anywhere else;
             # the rerun resumes at the end and only evaluates the test split.
-            if any_rank(self.acc, self.stop.signum is not None):
-                ends = any_rank(self.acc, self.stop.asks_end) and not any_rank(self.acc, self.stop.asks_requeue)
+            self._agree_stop(self.acc.reduce(self._stop_votes(), "sum").cpu())
+            if self.stop_requested:
                 self._save_checkpoint()  # a no-op: the last step was just saved
                 raise ResumeRequested(
                     f"stopped on {self._stop_reason()} after the last step ({self.state.global_step}); checkpoint saved",
-                    requeue=not ends,
+                    requeue=not self.stop_ends,
                 )
         finally:
             self.stop.restore()
             if progress is not None:
                 progress.close()
         return self.state
+
+    def _stop_votes(self) -> torch.Tensor:
+        """This rank's [an ending signal seen (TERM/INT), a requeue signal seen (USR1/USR2)], to
+        be summed over the ranks (``_agree_stop``)."""
+        return torch.tensor([float(self.stop.asks_end), float(self.stop.asks_requeue)], device=self.acc.device)
+
+    def _agree_stop(self, votes: torch.Tensor) -> None:
+        """From the summed votes: stop if any rank saw a signal; end (no requeue) only if one saw
+        TERM/INT and none the time-limit warning."""
+        ends, requeue = bool(votes[0] > 0), bool(votes[1] > 0)
+        self.stop_requested, self.stop_ends = ends or requeue, ends and not requeue
 
     def _stop_reason(self) -> str:
         """The stop is agreed by every rank, the signal is seen by one (or some) of them."""
@@ -561,15 +572,12 @@ class Trainer:
         bad_norm = torch.zeros((), device=device)
         if grad_norm is not None:
             bad_norm = (~torch.isfinite(torch.as_tensor(grad_norm, device=device, dtype=torch.float32))).float()
-        stop = torch.tensor(float(self.stop.signum is not None), device=device)
-        ends = torch.tensor(float(self.stop.asks_end), device=device)
-        requeue = torch.tensor(float(self.stop.asks_requeue), device=device)
         write_failed = torch.tensor(float(self.write_error is not None), device=device)
-        flags = torch.stack([total, stop, bad_norm, write_failed, ends, requeue])
+        flags = torch.cat([torch.stack([total, bad_norm, write_failed]), self._stop_votes()])
         flags = self.acc.reduce(flags, "sum").cpu()
-        loss_total, stop, bad_norm = float(flags[0]), bool(flags[1] > 0), bool(flags[2] > 0)
-        self._raise_if_a_write_failed(bool(flags[3] > 0))
-        self.stop_requested, self.stop_ends = stop, bool(flags[4] > 0) and not flags[5] > 0
+        loss_total, bad_norm = float(flags[0]), bool(flags[1] > 0)
+        self._raise_if_a_write_failed(bool(flags[2] > 0))
+        self._agree_stop(flags[3:])
         if not math.isfinite(loss_total) or bad_norm:
             self.optimizer.zero_grad(set_to_none=True)
             st.nan_steps_skipped += 1

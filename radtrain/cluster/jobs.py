@@ -84,11 +84,9 @@ def chosen_parent(run_dir: Path, candidates: list[Path]) -> Path | None:
     from radtrain.config import read_saved_config
 
     saved = read_saved_config(run_dir)
-    init_from = saved.model.init_from if saved is not None else None
-    for parent in candidates:
-        if init_from is not None and Path(init_from) == Path(parent) / "best":
-            return Path(parent)
-    return None
+    if saved is None or saved.model.init_from is None:
+        return None
+    return next((Path(p) for p in candidates if Path(saved.model.init_from) == Path(p) / "best"), None)
 
 
 def pick_best(run_dirs: list[Path], metric: str | None = None) -> tuple[Path, float, dict[str, float]]:

@@ -115,7 +115,7 @@ def _member_lines(pipeline: Pipeline, step: Step, job_id: str) -> list[str]:
 def describe(pipeline: Pipeline, ids: dict[str, str]) -> str:
     """The dependency graph, members, run directories and log folders, for people."""
     out = [f"[radtrain submit] {pipeline.name}: root {pipeline.root} (max_requeues={pipeline.max_requeues})"]
-    out += [f"  override: {line}" for line in getattr(pipeline, "replaced", [])]  # absent in older records
+    out += [f"  override: {line}" for line in pipeline.replaced]
     for step in pipeline.steps:
         res = step.resources
         shape = f"array 0-{len(step.members) - 1}" if step.is_array else "single job"
@@ -283,19 +283,25 @@ def _keep_previous_record(pipeline: Pipeline) -> None:
         os.replace(path, kept)
 
 
+def check_before_submit(pipeline: Pipeline) -> None:
+    """What would make the queued jobs fail or collide, refused on the login node (submit and
+    the dry run alike)."""
+    _check_synthetic_data(pipeline)
+    _check_existing_runs(pipeline)
+    _check_no_live_pipeline(pipeline)
+
+
 def submit(pipeline: Pipeline) -> dict[str, str]:
     """Queue every step; returns {step: job id} (an array's id for arrays)."""
     import submitit
     from submitit.helpers import clean_env
 
+    check_before_submit(pipeline)
     if pipeline.synthetic_data and not _has_data(pipeline):
         from radtrain.data.synthetic import write_dataset
 
         out = write_dataset(_data_dir(pipeline), **pipeline.synthetic_data)
         write_json(out / SYNTHETIC_RECORD, _synthetic_settings(pipeline))  # atomic
-    _check_synthetic_data(pipeline)
-    _check_existing_runs(pipeline)
-    _check_no_live_pipeline(pipeline)
     pipeline.root.mkdir(parents=True, exist_ok=True)
     _keep_previous_record(pipeline)
     ids: dict[str, str] = {}
@@ -400,11 +406,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if flags:
         raise ConfigError(f"submit: unknown option(s) {flags}; options: --dry-run")
     pipeline = load_job(args.job, overrides)
-    # The dry run too: it said yes to what submit then refused.
-    _check_synthetic_data(pipeline)
-    _check_existing_runs(pipeline)
-    _check_no_live_pipeline(pipeline)
     if dry:
+        check_before_submit(pipeline)  # the dry run said yes to what submit then refused
         print(dry_run(pipeline))
         return 0
     if shutil.which("sbatch") is None:

@@ -130,6 +130,13 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmupDecay(warmup_steps, total_steps))
 
 
+def agree_stop(votes: torch.Tensor) -> tuple[bool, bool]:
+    """(stop, end without requeue) from the ranks' summed ``[asks_end, asks_requeue]`` votes:
+    stop if any rank saw a signal; end only if one saw TERM/INT and none the time-limit warning."""
+    ends, requeue = bool(votes[0] > 0), bool(votes[1] > 0)
+    return ends or requeue, ends and not requeue
+
+
 class StopFlag:
     """Remembers SIGTERM/SIGINT/SIGUSR1/SIGUSR2 until the next step boundary."""
 
@@ -445,10 +452,7 @@ class Trainer:
         return torch.tensor([float(self.stop.asks_end), float(self.stop.asks_requeue)], device=self.acc.device)
 
     def _agree_stop(self, votes: torch.Tensor) -> None:
-        """From the summed votes: stop if any rank saw a signal; end (no requeue) only if one saw
-        TERM/INT and none the time-limit warning."""
-        ends, requeue = bool(votes[0] > 0), bool(votes[1] > 0)
-        self.stop_requested, self.stop_ends = ends or requeue, ends and not requeue
+        self.stop_requested, self.stop_ends = agree_stop(votes)
 
     def _stop_reason(self) -> str:
         """The stop is agreed by every rank, the signal is seen by one (or some) of them."""

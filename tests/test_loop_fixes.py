@@ -270,7 +270,12 @@ def test_a_time_limit_warning_followed_by_term_still_asks_for_a_requeue():
     boundary: the member must requeue. Only the last signal was kept, so it ended instead."""
     import signal
 
-    from radtrain.trainer import StopFlag
+    import torch
+
+    from radtrain.trainer import StopFlag, agree_stop
+
+    def votes(*flags: StopFlag) -> torch.Tensor:  # what the ranks' all-reduce sums
+        return sum(torch.tensor([float(f.asks_end), float(f.asks_requeue)]) for f in flags)
 
     flag = StopFlag()
     flag._handle(signal.SIGUSR2, None)
@@ -279,3 +284,7 @@ def test_a_time_limit_warning_followed_by_term_still_asks_for_a_requeue():
     scancel = StopFlag()
     scancel._handle(signal.SIGTERM, None)
     assert scancel.asks_end and not scancel.asks_requeue
+    assert agree_stop(votes(flag)) == (True, False)  # stop and requeue
+    assert agree_stop(votes(scancel)) == (True, True)  # stop and end
+    assert agree_stop(votes(scancel, flag)) == (True, False)  # one rank's warning wins
+    assert agree_stop(votes(StopFlag(), StopFlag())) == (False, False)

@@ -274,10 +274,12 @@ def run_baseline(
     return summary
 
 
-# Command-line overrides a baseline uses; any other key (model.*, most of train.*) would be
-# accepted and silently ignored.
+# Command-line overrides a baseline uses; any other key (model.*, most of train.*, the batching
+# keys of data.*) would be accepted and silently ignored.
 BASELINE_KEYS = ("data.", "output_dir", "train.threshold", "train.threshold_min_support", "train.always_top1",
                  "train.seed")
+BASELINE_IGNORES = ("data.padding", "data.pad_to_multiple_of", "data.bucket_by_length", "data.packing",
+                    "data.packed_attention")
 
 
 def split_c_arguments(tokens: Sequence[str] | None) -> tuple[list[float] | None, list[str]]:
@@ -306,10 +308,34 @@ def baseline_identity(cfg: RunConfig, features: str, model: str | None) -> dict[
     return {
         "features": features,
         "model": model if features == "model" else None,
-        "data": {"source": cfg.data.source, "min_label_count": cfg.data.min_label_count,
-                 "test_fraction": cfg.data.test_fraction, "validation_fraction": cfg.data.validation_fraction,
-                 "split_seed": cfg.data.split_seed, "max_length": cfg.data.max_length},
+        "data": {key: getattr(cfg.data, key) for key in IDENTITY_DATA_KEYS},
     }
+
+
+# The data settings that change which captions and labels a baseline reads.
+IDENTITY_DATA_KEYS = (
+    "source", "min_label_count", "test_fraction", "validation_fraction", "split_seed", "max_length",
+    "max_train_samples", "max_eval_samples", "text_column", "label_column", "label_delimiter", "label_names",
+    "label_name_column",
+)
+
+
+def identity_differences(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """``key: recorded -> now`` for each setting that makes this another baseline. A record from an
+    older radtrain has fewer data keys: only the ones it has are compared."""
+    differences = []
+    for key, value in identity.items():
+        if key not in saved:
+            continue
+        recorded = saved[key]
+        if isinstance(recorded, dict) and isinstance(value, dict):
+            differences += [
+                f"{key}.{sub}: {recorded[sub]!r} -> {value[sub]!r}"
+                for sub in recorded if sub in value and recorded[sub] != value[sub]
+            ]
+        elif recorded != value:
+            differences.append(f"{key}: {recorded!r} -> {value!r}")
+    return differences
 
 
 def check_baseline_dir(out_dir: Path, identity: dict[str, Any]) -> None:
@@ -334,10 +360,7 @@ def check_baseline_dir(out_dir: Path, identity: dict[str, Any]) -> None:
         saved = json.loads((out_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return
-    differences = [
-        f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in identity.items()
-        if key in saved and saved.get(key) != value
-    ]
+    differences = identity_differences(saved, identity)
     if differences:
         raise ConfigError(
             f"--output-dir {out_dir} holds another baseline's results ({'; '.join(differences)}); this one would "
@@ -351,11 +374,13 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     setup_logging(True)
     c_values, swallowed = split_c_arguments(args.C)
     cli_overrides = list(args.overrides) + swallowed
-    ignored = [o for o in cli_overrides if not o.split("=", 1)[0].strip().startswith(BASELINE_KEYS)]
+    keys = [(o, o.split("=", 1)[0].strip()) for o in cli_overrides]
+    ignored = [o for o, key in keys if not key.startswith(BASELINE_KEYS) or key in BASELINE_IGNORES]
     if ignored:
         raise ConfigError(
-            f"baseline uses only data.*, output_dir and train.threshold*/always_top1/seed settings; "
-            f"{', '.join(ignored)} would be ignored. Drop them (model features come from --model)."
+            f"baseline uses only data.* (not its batching keys: {', '.join(BASELINE_IGNORES)}), output_dir and "
+            f"train.threshold*/always_top1/seed settings; {', '.join(ignored)} would be ignored. Drop them (model "
+            "features come from --model)."
         )
     check_model_source(args.model, "--model")
     overrides = [f"data.source={args.data}"] + cli_overrides

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -64,9 +65,13 @@ class DataConfig:
     source: str = "unsloth/Radiology_mini"
     """Hub dataset id, a directory of train/validation/test files, or a single file."""
     text_column: str = "caption"
-    label_column: str = "cui"
+    label_column: str | None = "cui"
+    """The labels' column. null: a text-only corpus (the MLM phase needs no labels; the classifier
+    and the baseline refuse it)."""
     label_delimiter: str = "auto"
-    """For labels stored as one string: 'auto' splits on ; , | or whitespace."""
+    """For labels stored as one string: 'auto' splits on ; , | and whitespace, except that a name
+    between ; , or | keeps its spaces ('Pleural effusion|Cardiomegaly' is two labels; a piece
+    with a digit in it, such as 'C0032227 C0018800', is split on whitespace)."""
     label_names: str | None = None
     """Optional CUI -> name mapping: a JSON object file or a two-column csv/tsv."""
     label_name_column: str | None = None
@@ -302,6 +307,11 @@ class RunConfig:
     hub: HubConfig = field(default_factory=HubConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        # A shell leaves "~" in output_dir=~/runs alone (no word starts with it), and so does YAML;
+        # unexpanded it made a folder named "~" in the working directory.
+        self.output_dir = os.path.expanduser(self.output_dir)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -487,13 +497,59 @@ def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:
     return flat
 
 
+class _NumberText(yaml.SafeLoader):
+    """safe_load that remembers how each number was written (``_as_written`` uses it)."""
+
+
+class _Int(int):
+    yaml_text: str
+
+
+class _Float(float):
+    yaml_text: str
+
+
+def _int_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Int:
+    number = _Int(loader.construct_yaml_int(node))
+    number.yaml_text = node.value
+    return number
+
+
+def _float_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Float:
+    number = _Float(loader.construct_yaml_float(node))
+    number.yaml_text = node.value
+    return number
+
+
+_NumberText.add_constructor("tag:yaml.org,2002:int", _int_as_written)
+_NumberText.add_constructor("tag:yaml.org,2002:float", _float_as_written)
+
+
+def _as_written(value: Any, path: tuple = ()) -> Any:
+    """Numbers under text keys as the file wrote them, every other number a plain int/float.
+
+    YAML reads ``hub.revision: 1.10`` as 1.1 (a push to branch "1.1") and ``output_dir: 0755`` as
+    493; a text key (a ``str`` field: section.name, or a dotted key as job files' sweeps write it)
+    takes the text instead, as its command-line override does."""
+    if isinstance(value, dict):
+        return {_as_written(k): _as_written(v, (*path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_written(v, path) for v in value]
+    if not isinstance(value, (_Int, _Float)):
+        return value
+    keys = [str(k) for k in path[-2:]]
+    if keys and (_is_text_key(keys[-1]) or _is_text_key(".".join(keys))):
+        return value.yaml_text
+    return int(value) if isinstance(value, int) else float(value)
+
+
 def read_yaml_mapping(path: str | Path, what: str, shape: str, missing_hint: str = "") -> dict[str, Any]:
     """A YAML file that must hold a mapping; every failure is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist{missing_hint}")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _as_written(yaml.load(path.read_text(), Loader=_NumberText)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict):

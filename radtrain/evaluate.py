@@ -13,6 +13,14 @@ from radtrain.data.sources import load_file, load_splits
 from radtrain.export import LABELS_FILE, read_meta
 from radtrain.io import check_output_file, read_json, sha256_file, write_json
 
+# The export fixes the rest: its labels.json is the label space (data.min_label_count,
+# label_names), and its radtrain.json the padding the run evaluated with.
+EVALUATE_DATA_KEYS = (
+    "data.source", "data.text_column", "data.label_column", "data.label_delimiter", "data.max_length",
+    "data.validation_fraction", "data.test_fraction", "data.split_seed", "data.max_train_samples",
+    "data.max_eval_samples", "data.cache_dir",
+)
+
 
 def export_config(meta: dict[str, Any], source: str | None, overrides: list[str] | None = None) -> RunConfig:
     """The data settings the export was trained with (its radtrain.json), so splits and padding
@@ -39,10 +47,6 @@ def evaluate_model(
     from radtrain.phase import evaluate_export, resolve_precision, tokenize_split
     from radtrain.predict import check_export
 
-    model_dir = Path(model_dir)
-    check_export(model_dir)  # a classifier export: an MLM one has no labels to score
-    if output is not None:
-        check_output_file(output, "--output")
     # A data.source override names the data exactly as --data does (a held-out file is scored whole).
     for text in overrides or []:
         key, value = parse_override(text)
@@ -51,8 +55,17 @@ def evaluate_model(
                 f"evaluate takes data.* overrides only; {text!r} would be ignored (the export fixes the model and "
                 "precision; use --threshold for a decision threshold)"
             )
+        if key not in EVALUATE_DATA_KEYS:
+            raise ConfigError(
+                f"evaluate would ignore {text!r}: the export fixes it (its labels.json is the label space, its "
+                f"radtrain.json the batching). The data keys evaluate uses: {', '.join(EVALUATE_DATA_KEYS)}"
+            )
         if key == "data.source" and value:
             source = str(value)
+    model_dir = Path(model_dir)
+    check_export(model_dir)  # a classifier export: an MLM one has no labels to score
+    if output is not None:
+        check_output_file(output, "--output")
     if not (model_dir / LABELS_FILE).is_file():
         raise ConfigError(
             f"{model_dir} has no {LABELS_FILE}, which maps the data's CUIs to the model's outputs; copy it from the "

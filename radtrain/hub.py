@@ -556,7 +556,8 @@ def prefetch_data(data_cfg) -> dict[str, int]:
     """Run the job's own load_splits once, so the datasets cache holds exactly what it will read."""
     from radtrain.data.sources import load_splits
 
-    # need_labels=False: the download is the same, and an MLM-only dataset (no labels) is fine.
+    # need_labels=False: the same columns are read either way (so the download is the same), and
+    # nothing here needs them parsed; a text-only corpus has data.label_column=null.
     return {name: len(split) for name, split in load_splits(data_cfg, need_labels=False).items()}
 
 

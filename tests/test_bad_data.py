@@ -466,9 +466,18 @@ def test_baseline_never_overwrites_a_training_run_or_another_baseline(tmp_path, 
     assert main([*base, "--output-dir", str(out), "data.min_label_count=3"]) == 0
     first = (out / "summary.json").read_text()
     assert main([*base, "--output-dir", str(out), "data.min_label_count=5"]) == 2
-    assert "min_label_count': 3" in capsys.readouterr().err.replace('"', "'")
+    assert "data.min_label_count: 3 -> 5" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == first
+    # Session 13: sample caps and columns made no other baseline (it was overwritten, exit 0).
+    assert main([*base, "--output-dir", str(out), "data.min_label_count=3", "data.max_train_samples=50"]) == 2
+    assert "data.max_train_samples: None -> 50" in capsys.readouterr().err
     assert (out / "summary.json").read_text() == first
     assert main([*base, "--output-dir", str(out), "data.min_label_count=3"]) == 0  # the same baseline again
+    # A record written before those keys were recorded is compared on the keys it has.
+    summary = json.loads((out / "summary.json").read_text())
+    summary["data"] = {k: summary["data"][k] for k in ("source", "min_label_count")}
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert main([*base, "--output-dir", str(out), "data.min_label_count=3"]) == 0
 
 
 def test_baseline_c_values_and_overrides(tmp_path, capsys):
@@ -664,3 +673,138 @@ def test_a_utf16_file_is_named_as_such(tmp_path):
     path.write_text("caption\tcui\n" + "".join(f"{r['caption']}\t{';'.join(r['cui'])}\n" for r in rows), encoding="utf-16")
     with pytest.raises(DataError, match="UTF-16 text, not UTF-8.*iconv -f utf-16"):
         load_splits(DataConfig(source=str(path)))
+
+
+# -- session 13: the input review -----------------------------------------------------------------
+
+
+def hub_layout_repo(tmp_path: Path, monkeypatch, columns: dict) -> None:
+    """Every Hub dataset id read by datasets.load_dataset is this local repository of the Hub's
+    parquet layout (the Hub is unreachable here); ``columns`` maps a column to a function of a row."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    rows = real_rows(30)
+    for name, part in (("train", rows[:20]), ("test", rows[20:])):
+        pq.write_table(pa.table({c: [f(r) for r in part] for c, f in columns.items()}),
+                       repo / f"{name}-00000-of-00001.parquet")
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: real(str(repo.parent), *a, **k))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+
+
+@pytest.mark.parametrize("source", ["shared/roco/train_dir", "org/my data", "[a,b]"])
+def test_a_source_that_is_no_path_and_no_hub_id_is_a_clear_error(tmp_path, monkeypatch, capsys, source):
+    """A mistyped relative path with two slashes went to datasets: FileNotFoundError / HFValidationError
+    tracebacks, exit 1 (after a wrong 'loading EVERY column' warning for 'org/my data')."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="no file or directory .* exists, and it is not a Hub dataset id"):
+        load_splits(DataConfig(source=source))
+    assert main(["baseline", "--data", source, "--features", "tfidf", "--output-dir", str(tmp_path / "bl")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "not a Hub dataset id" in err and "EVERY column" not in err
+    assert not (tmp_path / "bl").exists()
+
+
+def test_a_hub_dataset_that_does_not_exist_is_a_clear_error(monkeypatch):
+    """datasets' DatasetNotFoundError (a FileNotFoundError: a typo, or a gated/private dataset
+    without a token) was not caught: a traceback, exit 1."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def missing(path, *args, **kwargs):  # what datasets raises for an id the Hub does not serve
+        raise DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(DataError, match=r"'someorg/typo'.*no file or directory.*the Hub has no dataset.*hf auth login"):
+        load_splits(DataConfig(source="someorg/typo"))
+
+
+def test_mlm_reads_a_text_only_hub_corpus_and_the_labels_it_does_not_use_unparsed(tmp_path, monkeypatch):
+    """The MLM phase needs no labels, but the label column was always read: a Hub corpus without one
+    failed ('No match for FieldRef.Name(cui)'), and a label field MLM never uses stopped it when it
+    did not parse."""
+    hub_layout_repo(tmp_path, monkeypatch, {"caption": lambda r: r["caption"]})
+    with pytest.raises(DataError, match=r"data.label_column=null"):
+        load_splits(DataConfig(source="someorg/reports"), need_labels=False)
+    splits = load_splits(DataConfig(source="someorg/reports", label_column=None), need_labels=False)
+    assert len(splits["test"]) == 10 and len(splits["train"]) + len(splits["validation"]) == 20
+    with pytest.raises(DataError, match="data.label_column is null .* needs labels"):
+        load_splits(DataConfig(source="someorg/reports", label_column=None))
+    assert load_config(None, ["data.label_column=null"]).data.label_column is None
+
+    rows = real_rows(40)
+    for row in rows:
+        row["cui"] = 7  # not labels at all: MLM does not care
+    (tmp_path / "dir").mkdir()
+    split_dir(tmp_path / "dir", rows[:30], test=rows[30:])
+    splits = load_splits(DataConfig(source=str(tmp_path / "dir")), need_labels=False)
+    assert sum(len(s) for s in splits.values()) == 40
+    with pytest.raises(DataError, match="labels must be a list"):
+        load_splits(DataConfig(source=str(tmp_path / "dir")))
+
+
+def test_every_data_file_a_split_directory_does_not_read_is_named(tmp_path, caplog):
+    """eval.jsonl (the user's validation split) was skipped without a word, and validation was cut
+    from train instead; only names starting like a split's were reported."""
+    rows = real_rows(120)
+    split_dir(tmp_path, rows[:80], test=rows[100:])
+    write_jsonl(tmp_path / "eval.jsonl", rows[80:100])
+    write_jsonl(tmp_path / "train_v1.jsonl", rows[:10])
+    (tmp_path / "notes.txt").write_text("not data")
+    with caplog.at_level(logging.INFO, logger="radtrain.data.sources"):
+        splits = load_splits(DataConfig(source=str(tmp_path)))
+    assert "not read: eval.jsonl, train_v1.jsonl" in caplog.text and "notes.txt" not in caplog.text
+    assert "one is cut from train" in caplog.text
+    assert f"{len(splits['validation'])} of its 80 training captions are held out for validation" in caplog.text
+
+
+def test_auto_label_delimiter_keeps_multi_word_labels_between_delimiters(tmp_path):
+    """'Pleural Effusion|Cardiomegaly' trained three labels (Pleural, Effusion, Cardiomegaly)."""
+    from radtrain.data.sources import parse_labels
+
+    assert parse_labels("Pleural Effusion|Cardiomegaly", "auto", "x") == ["Pleural Effusion", "Cardiomegaly"]
+    assert parse_labels("pleural  effusion, cardiomegaly", "auto", "x") == ["pleural effusion", "cardiomegaly"]
+    assert parse_labels("C0032227 c0018800; C0040405", "auto", "x") == ["C0032227", "C0018800", "C0040405"]
+    assert parse_labels("C0032227 C0018800", "auto", "x") == ["C0032227", "C0018800"]
+    assert parse_labels("cardiomegaly effusion", "auto", "x") == ["cardiomegaly", "effusion"]  # as documented
+
+
+def test_a_config_file_keeps_text_settings_as_written(tmp_path):
+    """YAML read hub.revision: 1.10 as 1.1 (a push to branch '1.1') and output_dir: 0755 as '493';
+    command-line overrides already kept them as typed."""
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: 0755\nhub:\n  revision: 1.10\ntrain:\n  lr: 2.0e-5\n  epochs: 3\n"
+                    "data:\n  max_length: 0x80\n")
+    cfg = load_config(path)
+    assert cfg.output_dir == "0755" and cfg.hub.revision == "1.10"
+    assert cfg.train.lr == 2e-5 and cfg.data.max_length == 128 and type(cfg.data.max_length) is int
+    assert "revision: '1.10'" in cfg.to_yaml()  # the saved config.yaml round-trips
+
+
+def test_home_in_output_dir_and_cache_dir_is_the_home_directory(tmp_path, monkeypatch):
+    """output_dir: ~/runs made a folder named '~' in the working directory (and `rm -rf ~...` to clean
+    it up is how a home directory gets deleted)."""
+    from radtrain.data.tokens import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, ["output_dir=~/runs/x", "data.cache_dir=~/cache"])
+    assert cfg.output_dir == str(tmp_path / "home" / "runs" / "x")
+    assert cache_root(cfg.data.cache_dir) == tmp_path / "home" / "cache"
+
+
+def test_evaluate_and_baseline_refuse_data_settings_they_would_ignore(tmp_path, capsys):
+    """evaluate took data.min_label_count=50 (the export's labels.json decides) and baseline
+    data.packing=on without a word."""
+    from radtrain.evaluate import evaluate_model
+
+    with pytest.raises(ConfigError, match="evaluate would ignore 'data.min_label_count=50'"):
+        evaluate_model(tmp_path / "best", None, overrides=["data.min_label_count=50"])
+    assert main(["baseline", "--data", str(ROCO), "--features", "tfidf", "--output-dir", str(tmp_path / "bl"),
+                 "data.packing=on"]) == 2
+    assert "data.packing=on would be ignored" in capsys.readouterr().err
+    assert not (tmp_path / "bl").exists()

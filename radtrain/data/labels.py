@@ -139,7 +139,7 @@ def _warn_non_cuis(counter: Counter) -> None:
 
 def load_name_mapping(path: str | os.PathLike) -> dict[str, str]:
     """CUI -> name from a JSON object file or a two-column csv/tsv (cui, name)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"data.label_names={str(path)!r}: no such file")
     if path.suffix.lower() == ".json":

@@ -106,11 +106,27 @@ def parse_labels(value: Any, delimiter: str, where: str) -> list[str]:
             except (ValueError, SyntaxError) as exc:
                 raise DataError(f"{where}: label string {text[:60]!r} looks like a list but does not parse") from exc
             return parse_labels(parsed, delimiter, where)
-        parts = re.split(r"[;,|\s]+", text) if delimiter == "auto" else text.split(delimiter)
+        parts = _split_auto(text) if delimiter == "auto" else text.split(delimiter)
         return [_label(p) for p in parts if p.strip()]
     raise DataError(
         f"{where}: labels must be a list of strings or a delimited string, got {type(value).__name__} {value!r}"
     )
+
+
+def _split_auto(text: str) -> list[str]:
+    """data.label_delimiter=auto: ; , and | separate labels, and a name between them keeps its
+    spaces ("Pleural effusion|Cardiomegaly" is two labels, not three); a piece with a code in it
+    (a word with a digit: "C0032227 C0018800; C0040405", "C0040405: X-Ray CT") is split on
+    whitespace too, and so is a string without any of ; , | (labels separated by spaces)."""
+    pieces = re.split(r"[;,|]", text)
+    labels: list[str] = []
+    for piece in pieces:
+        words = piece.split()
+        if len(pieces) == 1 or any(char.isdigit() for word in words for char in word):
+            labels.extend(words)
+        elif words:
+            labels.append(" ".join(words))
+    return labels
 
 
 # utf-8-sig: UTF-8 that skips a leading byte-order mark (Excel's "CSV UTF-8", some editors'
@@ -286,8 +302,9 @@ def _collect(
         if not isinstance(text, str) or not text.strip():
             dropped.append(where)
             continue
-        cuis = parse_labels(row.get(cfg.label_column), cfg.label_delimiter, where)
-        if cfg.label_name_column and row.get(cfg.label_name_column) is not None:
+        # Labels a phase does not use are not parsed: MLM reads the text of any labelled corpus.
+        cuis = parse_labels(row.get(cfg.label_column), cfg.label_delimiter, where) if need_labels else []
+        if need_labels and cfg.label_name_column and row.get(cfg.label_name_column) is not None:
             row_names = parse_labels(row[cfg.label_name_column], "|", where)
             if len(row_names) == len(cuis):
                 names.update(zip(cuis, row_names, strict=True))
@@ -355,22 +372,16 @@ def _caption_key(text: str) -> str:
 
 def _find_split_files(directory: Path) -> dict[str, list[Path]]:
     """A split's files: ``train.jsonl`` (any supported suffix) or the Hub's shards
-    ``train-00000-of-00002[-<hash>].parquet``. Other names that start like a split's
-    (``train_v1.jsonl``, an old copy; ``test_metrics.json``; ROCOv2's ``train_captions.csv``) are
-    not read: they would be added to the split silently. They are named in a warning."""
+    ``train-00000-of-00002[-<hash>].parquet``. Other data files are not read, and a warning names
+    them: ones that start like a split's (``train_v1.jsonl``, an old copy; ``test_metrics.json``;
+    ROCOv2's ``train_captions.csv``) would be added to the split silently, and ``eval.jsonl`` or
+    ``heldout.csv`` may be the held-out split the user meant."""
     found: dict[str, list[Path]] = {}
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
     for split, aliases in SPLIT_ALIASES.items():
         names = "|".join(aliases)
         pattern = re.compile(rf"^({names})(-\d+-of-\d+(-[0-9a-f]+)?)?$", re.IGNORECASE)
-        lookalike = re.compile(rf"^({names})[-_.]", re.IGNORECASE)
         matches = [p for p in files if pattern.match(p.stem)]
-        ignored = [p.name for p in files if lookalike.match(p.stem) and p not in matches]
-        if ignored:
-            log.warning(
-                "%s: not read as %s data: %s (a split's files are named %s.jsonl/.csv/... or %s-00000-of-0000N.parquet; "
-                "rename the ones you mean)", directory, split, ", ".join(ignored), aliases[0], aliases[0],
-            )
         plain = [p for p in matches if "-of-" not in p.stem]
         if len(plain) > 1:
             raise DataError(
@@ -381,6 +392,16 @@ def _find_split_files(directory: Path) -> dict[str, list[Path]]:
     data_dir = directory / "data"
     if not found and data_dir.is_dir():
         return _find_split_files(data_dir)
+    read = {p for paths in found.values() for p in paths}
+    unread = [p.name for p in files if p not in read]
+    if unread:
+        # eval.jsonl or heldout.jsonl may be the held-out split the user meant: never drop one silently.
+        log.warning(
+            "%s: not read: %s. A split's files are named train, validation (or valid/val/dev) and test, with a "
+            "data suffix (.jsonl/.json/.csv/.tsv/.parquet) or as the Hub's train-00000-of-0000N.parquet shards; rename "
+            "the ones you mean%s", directory, ", ".join(unread),
+            "" if "validation" in found else " (without a validation file, one is cut from train)",
+        )
     return found
 
 
@@ -400,6 +421,11 @@ def _resplit_validation(splits: dict[str, Split], cfg: DataConfig) -> None:
     permutation = np.random.default_rng(cfg.split_seed).permutation(len(train))
     splits["validation"] = train.select(permutation[:n_val].tolist(), origin=f"{train.origin} (validation cut)")
     splits["train"] = train.select(permutation[n_val:].tolist())
+    log.info(
+        "%s: no validation split, so %d of its %d training captions are held out for validation "
+        "(data.validation_fraction=%s of train + test, data.split_seed=%d)",
+        train.origin, n_val, len(train), cfg.validation_fraction, cfg.split_seed,
+    )
 
 
 def _split_single_file(split: Split, cfg: DataConfig) -> dict[str, Split]:
@@ -410,9 +436,21 @@ def _split_single_file(split: Split, cfg: DataConfig) -> dict[str, Split]:
     return {"train": train, "test": test}
 
 
+def _not_local(source: str) -> str:
+    return f"no file or directory {str(Path(source).expanduser().absolute())!r} exists"
+
+
 def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
     import datasets
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(cfg.source)
+    except ValueError as exc:  # a mistyped path more often than a mistyped Hub id
+        raise DataError(
+            f"data.source={cfg.source!r}: {_not_local(cfg.source)}, and it is not a Hub dataset id ({exc}). Give an "
+            "existing file or directory, or a Hub id such as unsloth/Radiology_mini"
+        ) from None
     columns = _columns(cfg)
     try:
         try:
@@ -432,12 +470,20 @@ def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
         cause = exc.__cause__ or exc.__context__ or exc
         raise DataError(
             f"data.source={cfg.source!r}: reading the columns {columns} failed: {str(cause)[:600]}. "
-            "Set data.text_column / data.label_column / data.label_name_column to the dataset's column names."
+            "Set data.text_column / data.label_column / data.label_name_column to the dataset's column names"
+            + ("" if need_labels else " (a corpus without labels, for the MLM phase: data.label_column=null)")
         ) from exc
     except ConnectionError as exc:  # HF_HUB_OFFLINE=1 and not cached (or no network): say what to fetch
         raise DataError(
             f"data.source={cfg.source!r}: {exc}. Offline? Run `radtrain prefetch --data {cfg.source}` (same data.* "
-            "settings) where the Hub is reachable, with the HF_HOME this job uses"
+            f"settings) where the Hub is reachable, with the HF_HOME this job uses. (Meant a local path? "
+            f"{_not_local(cfg.source)}.)"
+        ) from exc
+    except FileNotFoundError as exc:  # datasets' DatasetNotFoundError: no such dataset, or gated/private
+        raise DataError(
+            f"data.source={cfg.source!r}: {_not_local(cfg.source)}, and the Hub has no dataset of that name that "
+            f"this job may read ({str(exc)[:300]}). Check the spelling; a private or gated dataset needs "
+            "`hf auth login` (or HF_TOKEN) and its terms accepted on its Hub page"
         ) from exc
     splits: dict[str, Split] = {}
     for name, dataset in dataset_dict.items():
@@ -452,8 +498,17 @@ def _load_hub(cfg: DataConfig, need_labels: bool) -> dict[str, Split]:
 
 
 def _columns(cfg: DataConfig) -> list[str]:
-    """The columns radtrain reads (a parquet file is read by column: images never are)."""
-    return [cfg.text_column, cfg.label_column] + ([cfg.label_name_column] if cfg.label_name_column else [])
+    """The columns radtrain reads (a parquet file is read by column: images never are). The same
+    whether or not the phase needs the labels, so that one download and cache serves both phases."""
+    return [c for c in (cfg.text_column, cfg.label_column, cfg.label_name_column) if c]
+
+
+def _check_labels_wanted(cfg: DataConfig, need_labels: bool) -> None:
+    if need_labels and not cfg.label_column:
+        raise DataError(
+            f"data.source={cfg.source!r}: data.label_column is null (a text-only corpus), but this needs labels: "
+            "name the column holding the CUIs (data.label_column=cui)"
+        )
 
 
 def _read_file(path: Path, cfg: DataConfig, need_labels: bool) -> Split:
@@ -464,6 +519,7 @@ def _read_file(path: Path, cfg: DataConfig, need_labels: bool) -> Split:
 def load_file(cfg: DataConfig, need_labels: bool = True) -> Split:
     """Every caption of the one file ``cfg.source`` as a single split (no train/test cut): a
     held-out file to evaluate."""
+    _check_labels_wanted(cfg, need_labels)
     source = Path(cfg.source).expanduser()
     if not source.is_file():
         raise DataError(f"data.source={cfg.source!r}: no such file")
@@ -479,6 +535,7 @@ def load_splits(cfg: DataConfig, need_labels: bool = True) -> dict[str, Split]:
     A source without a validation split gets one by the seed's re-split; one file is first cut
     into train and test (``data.test_fraction``).
     """
+    _check_labels_wanted(cfg, need_labels)
     source = Path(cfg.source).expanduser()
     columns = _columns(cfg)
     if source.is_dir():

@@ -23,8 +23,8 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     """radtrain's cache folder: data.cache_dir, else $RADTRAIN_CACHE, else ~/.cache/radtrain.
     Holds tokens/ (tokenized splits) and inductor/ (torch.compile's caches)."""
     if cache_dir:
-        return Path(cache_dir)
-    return Path(os.environ.get("RADTRAIN_CACHE", Path.home() / ".cache" / "radtrain"))
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("RADTRAIN_CACHE", Path.home() / ".cache" / "radtrain")).expanduser()
 
 
 @dataclass

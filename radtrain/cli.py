@@ -80,6 +80,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from radtrain.predict import export_text_column, predict_lines, read_texts
 
+    for number, text in enumerate(args.texts, start=1):
+        try:
+            text.encode("utf-8")  # Python keeps undecodable argument bytes as surrogates
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"predict: text argument {number} is not UTF-8 ({text.encode('utf-8', 'surrogateescape')[:40]!r}); "
+                "convert it (e.g. `iconv -f latin1 -t utf-8`) or pass the texts in a UTF-8 --input file"
+            ) from None
     texts: Iterator[str] = iter(args.texts)
     if args.input:
         column = args.text_column or export_text_column(args.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from radtrain.config import ConfigError, DataConfig, RunConfig, load_config, parse_override
@@ -43,7 +44,7 @@ def evaluate_model(
     threshold: float | None = None,
 ) -> dict[str, float]:
     from radtrain.distributed import make_accelerator
-    from radtrain.models import load_tokenizer
+    from radtrain.models import check_max_length, load_tokenizer
     from radtrain.phase import evaluate_export, resolve_precision, tokenize_split
     from radtrain.predict import check_export
 
@@ -73,6 +74,11 @@ def evaluate_model(
         )
     meta = read_meta(model_dir)
     trained_on = str(meta.get("data", {}).get("source") or "")
+    if not source and not trained_on:  # else DataConfig's default dataset, unrelated to the model
+        raise ConfigError(
+            f"{model_dir} does not record the data it was trained on (no radtrain.json, or one without data.source); "
+            "pass the data to score with --data SOURCE"
+        )
     if not source and trained_on.startswith("local:"):
         known = (
             "that file, at any path, is cut into the run's splits and --split is scored; any other file is scored whole"
@@ -85,7 +91,8 @@ def evaluate_model(
             f"name in full; pass the data to score with --data FILE ({known})"
         )
     label_space = LabelSpace.load(model_dir / LABELS_FILE)
-    id2label = read_json(model_dir / "config.json").get("id2label") or {}
+    model_config = read_json(model_dir / "config.json")
+    id2label = model_config.get("id2label") or {}
     outputs = [id2label.get(str(i)) for i in range(len(id2label))]
     if outputs and outputs != label_space.cuis:
         differs = (
@@ -99,6 +106,7 @@ def evaluate_model(
             "run's best/)"
         )
     cfg = export_config(meta, source, overrides)
+    check_max_length(cfg.data.max_length, SimpleNamespace(**model_config))  # as training checks it
     held_out = _held_out_file(meta, source)
     if held_out:
         if split is not None:

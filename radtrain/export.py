@@ -17,8 +17,9 @@ from typing import Any
 
 from radtrain import faults
 from radtrain.checkpoint import CheckpointError, any_rank, fsync_dir, write_failed
+from radtrain.config import ConfigError
 from radtrain.data.labels import LabelSpace
-from radtrain.io import apply_umask, write_json
+from radtrain.io import apply_umask, read_json, write_json
 
 META_FILE = "radtrain.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -125,19 +126,40 @@ def portable_tokenizer_config(model_dir: Path) -> None:
 
 
 def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    """The export's radtrain.json ({} without one); a damaged one is a ConfigError naming it."""
     path = Path(model_dir) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a radtrain.json (a JSON object); copy it from the run's best/")
+    return data
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def read_thresholds(model_dir: str | Path, default: float = 0.5) -> dict[str, Any]:
-    """{'global': float, 'per_label': {cui: float} | None}; 0.5 when the export has none."""
+    """{'global': float, 'per_label': {cui: float} | None}; 0.5 when the export has none. A
+    damaged file is a ConfigError: a null or NaN threshold decided nothing, silently."""
     path = Path(model_dir) / THRESHOLDS_FILE
-    if path.is_file():
-        data = json.loads(path.read_text())
-        data.setdefault("global", default)
-        data.setdefault("per_label", None)
-        return data
-    return {"global": default, "per_label": None}
+    if not path.is_file():
+        return {"global": default, "per_label": None}
+    data = read_json(path)
+    fix = "re-export the run, or delete it to decide at 0.5"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a thresholds file (a JSON object); {fix}")
+    data.setdefault("global", default)
+    data.setdefault("per_label", None)
+    per_label = data["per_label"]
+    if not _is_probability(data["global"]):
+        raise ConfigError(f"{path}: 'global' is {data['global']!r}, not a threshold in [0, 1]; {fix}")
+    if per_label is not None and not (
+        isinstance(per_label, dict) and all(_is_probability(v) for v in per_label.values())
+    ):
+        raise ConfigError(f"{path}: 'per_label' must map CUIs to thresholds in [0, 1]; {fix}")
+    return data
 
 
 def write_thresholds(model_dir: str | Path, thresholds: dict[str, Any]) -> None:

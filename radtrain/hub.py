@@ -401,6 +401,12 @@ def prepare(
     if revision is not None:
         check_revision(revision, "revision")
     model_dir, run_dir = resolve_dirs(run_dir_or_model_dir)
+    if run_dir is not None and not (run_dir / "summary.json").is_file():
+        raise ConfigError(
+            f"{run_dir} has no summary.json: the run has not finished, so its best/ is the best validation "
+            "checkpoint so far and was never tested. Finish it (the same command resumes it), or publish the "
+            f"export alone, with a card without metrics: radtrain push {model_dir}"
+        )
     files = export_files(model_dir)
     meta = read_json(model_dir / "radtrain.json")
     summary = (
@@ -495,8 +501,11 @@ def preview(
     commit_message: str | None = None,
 ) -> str:
     """Write exactly what publish would commit into ``out_dir`` (no network); returns the message."""
-    files, generated, message, _, _ = prepare(run_dir_or_model_dir, repo_id, revision, commit_message)
-    out = Path(out_dir)
+    files, generated, message, model_dir, run_dir = prepare(run_dir_or_model_dir, repo_id, revision, commit_message)
+    out = Path(out_dir).expanduser()
+    if out.is_file() or (out.exists() and out.resolve() in {p.resolve() for p in (model_dir, run_dir) if p}):
+        what = "a file" if out.is_file() else "the export's own directory"
+        raise ConfigError(f"--preview {out_dir} is {what}; give a new directory for the commit's files")
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
         shutil.copy2(path, out / path.name)
@@ -643,12 +652,14 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    import yaml
 
     saved: dict[str, Any] = {}
-    config_path = Path(args.run_dir) / "config.yaml"
-    if config_path.is_file():
-        saved = (yaml.safe_load(config_path.read_text()) or {}).get("hub") or {}
+    _, run_dir = resolve_dirs(args.run_dir)  # RUN/best reads RUN/config.yaml too
+    config_path = run_dir / "config.yaml" if run_dir else None
+    if config_path is not None and config_path.is_file():
+        from radtrain.config import read_yaml_mapping
+
+        saved = read_yaml_mapping(config_path, "run config", "sections").get("hub") or {}
     repo_id = args.repo_id or saved.get("repo_id")
     if not repo_id:
         raise ConfigError(f"{args.run_dir}: no hub.repo_id in its config.yaml; give --repo-id org/name")

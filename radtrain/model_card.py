@@ -91,8 +91,12 @@ def lineage(meta: dict[str, Any]) -> dict[str, Any]:
         out["mlm_summary"] = _read_json(init_dir.parent / "summary.json")
         out["mlm_step"] = init_meta.get("step")
     elif init_meta is None and not init_dir.exists():
-        out["base_model"] = init_from  # a Hub id (or a directory no longer here)
-        out["mlm_ran"] = None if not is_hub_id(init_from) else False
+        # A Hub id, or a directory not here (exports before session 13 recorded a relative
+        # init_from as typed, so from another directory "mlm/best" looked like a Hub id): the
+        # export's own base_model is its base; it names init_from itself only for a Hub model.
+        base = meta.get("base_model") or init_from
+        out["base_model"] = base
+        out["mlm_ran"] = False if base == init_from and is_hub_id(init_from) else None
     else:
         out["base_model"] = init_meta.get("base_model") if init_meta else init_from
     return out
@@ -320,6 +324,9 @@ def build_card(
         f"- Source: `{source}` ({columns})",
         f"- Split sizes (train / validation / test): {sizes}",
         "- The test split was read once, by the final evaluation of this checkpoint; it played no part in "
+        "training, the tokenizer, the label space, threshold choice or model selection.\n"
+        if (summary or {}).get("test")
+        else "- No test evaluation is published with this checkpoint; the test split played no part in "
         "training, the tokenizer, the label space, threshold choice or model selection.\n",
         "## Labels\n",
         f"- {n_labels} CUIs: those seen at least {min_count} times in the training split "

@@ -439,7 +439,9 @@ def run_phase(cfg: RunConfig, phase: str, evaluate_test: bool = True) -> dict[st
     meta = {
         "task": phase,
         "base_model": _base_model(cfg.model),
-        "init_from": cfg.model.init_from,
+        # Absolute like data.source: the model card reads the MLM phase's record through it, from
+        # whatever directory `radtrain push` runs in.
+        "init_from": _source_for_meta(cfg.model.init_from) if cfg.model.init_from else None,
         # A single file's content: `radtrain evaluate --data` knows the run's own file (cut into its
         # splits) from another file (scored whole) by it, at any path, and after a push, which
         # records only the file's name. Outside "data", whose keys older radtrain reads as settings.

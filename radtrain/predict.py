@@ -21,6 +21,7 @@ from radtrain.config import ConfigError
 from radtrain.data.labels import LabelSpace
 from radtrain.data.sources import FILE_SUFFIXES, DataError, read_rows
 from radtrain.export import LABELS_FILE, read_meta, read_thresholds
+from radtrain.io import read_json
 from radtrain.thresholds import apply_thresholds, threshold_vector
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,27 @@ def check_export(model_dir: Path) -> None:
     if not (model_dir / "config.json").is_file():
         what = "no such directory" if not model_dir.exists() else "not a model directory (no config.json)"
         raise ConfigError(f"--model {model_dir}: {what}; pass a classify run's best/ directory")
+    if not isinstance(read_json(model_dir / "config.json"), dict):  # a damaged one named, not "Offline?"
+        raise ConfigError(f"--model {model_dir}: config.json is not a JSON object; copy it from the run's best/")
+    missing = [
+        f"{what} file ({', '.join(names)})" for what, names in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES))
+        if not any(any(model_dir.glob(name)) for name in names)
+    ]
+    if missing:
+        raise ConfigError(
+            f"--model {model_dir}: incomplete model directory, no {'; no '.join(missing)}; copy the whole best/ "
+            "directory"
+        )
     task = read_meta(model_dir).get("task")
     if task is not None and task != "classify":
         raise ConfigError(
             f"--model {model_dir}: radtrain.json says task {task!r}; predict and evaluate need a classifier "
             "export (a classify run's best/)"
         )
+
+
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 class Predictor:
@@ -119,7 +135,8 @@ def _stdin_lines() -> Iterator[str]:
     """Standard input, line by line, decoded here strictly: the interpreter's own decoding passes
     undecodable bytes on as surrogates, which the tokenizer then fails on with a traceback."""
     buffer = getattr(sys.stdin, "buffer", None)
-    stream = io.TextIOWrapper(buffer, encoding="utf-8") if buffer is not None else sys.stdin
+    # utf-8-sig: a leading byte-order mark (Notepad, Excel) is not part of the first text.
+    stream = io.TextIOWrapper(buffer, encoding="utf-8-sig") if buffer is not None else sys.stdin
     try:
         yield from stream
     finally:
@@ -129,7 +146,7 @@ def _stdin_lines() -> Iterator[str]:
 
 def _file_lines(path: Path) -> Iterator[str]:
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open(encoding="utf-8-sig")  # as training reads its files (sources.ENCODING)
     except OSError as exc:
         raise DataError(f"--input {path}: cannot read ({exc.strerror or exc})") from exc
     with handle:

@@ -597,3 +597,117 @@ def test_cli_works_without_an_optional_extra_dependency():
     code = "import sys; sys.modules['submitit'] = None\nfrom radtrain.cli import main\nmain(['--help'])\n"
     top = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert "unavailable here: radtrain.cluster (needs submitit: pip install submitit)" in top.stdout, top.stderr[-2000:]
+
+
+# -- session 13: the inference-side review ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("thresholds.json", '{"global": null}', "'global' is None, not a threshold in [0, 1]"),
+        ("thresholds.json", '{"global": 0.3,', "thresholds.json: cannot read"),
+        ("thresholds.json", "[0.3]", "not a thresholds file"),
+        ("thresholds.json", '{"per_label": {"C0040405": "high"}}', "'per_label' must map CUIs to thresholds"),
+        ("labels.json", "{not json", "not a radtrain labels.json"),
+        ("labels.json", "[1, 2]", "not a radtrain labels.json"),
+        ("radtrain.json", "{not json", "radtrain.json: cannot read"),
+        ("model.safetensors", None, "incomplete model directory, no weights file"),
+        ("tokenizer.json", None, "incomplete model directory, no tokenizer file"),
+        ("config.json", "{not json", "config.json: cannot read"),
+    ],
+)
+def test_a_damaged_export_file_is_named_by_predict_and_evaluate(capped_run, tmp_path, monkeypatch, capsys, name,
+                                                                content, message):
+    """A null global threshold predicted nothing for every text (exit 0); the other damages were
+    tracebacks (exit 1), or 'Offline? Run radtrain prefetch' for a damaged config.json."""
+    best = tmp_path / "best"
+    shutil.copytree(capped_run / "run" / "best", best)
+    if content is None:
+        (best / name).unlink()
+    else:
+        (best / name).write_text(content)
+    monkeypatch.setenv("RADTRAIN_CACHE", str(capped_run / "cache"))
+    assert main(["predict", "--model", str(best), "Axial CT of the chest."]) == 2
+    err = capsys.readouterr().err
+    if name != "labels.json":  # predict reads labels.json only for names
+        assert message in err and "Traceback" not in err
+    assert main(["evaluate", "--model", str(best)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_predict_reads_a_byte_order_mark_as_training_does_and_refuses_non_utf8_arguments(capped_run, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """A .jsonl with a UTF-8 BOM was 'malformed JSON' (training reads it); in a .txt the BOM was
+    part of the first text (other probabilities); a non-UTF-8 argument was a tokenizer traceback."""
+    import io
+
+    best = str(capped_run / "run" / "best")
+    text = "Axial CT of the chest."
+    plain = tmp_path / "plain.txt"
+    plain.write_text(text + "\n", encoding="utf-8")
+    assert main(["predict", "--model", best, "--input", str(plain)]) == 0
+    expected = capsys.readouterr().out
+    for suffix, body in ((".txt", text + "\n"), (".jsonl", json.dumps({"caption": text}) + "\n")):
+        path = tmp_path / f"bom{suffix}"
+        path.write_text(body, encoding="utf-8-sig")
+        assert main(["predict", "--model", best, "--input", str(path)]) == 0
+        assert capsys.readouterr().out == expected
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbf" + text.encode() + b"\n")))
+    assert main(["predict", "--model", best, "--input", "-"]) == 0
+    assert capsys.readouterr().out == expected
+    undecodable = b"caf\xe9 CT".decode("utf-8", "surrogateescape")  # how Python hands over such an argument
+    assert main(["predict", "--model", best, undecodable]) == 2
+    assert "text argument 1 is not UTF-8" in capsys.readouterr().err
+
+
+def test_evaluate_without_a_record_of_the_data_asks_for_it(capped_run, tmp_path, capsys):
+    """An export without radtrain.json was scored on DataConfig's default Hub dataset."""
+    best = tmp_path / "best"
+    shutil.copytree(capped_run / "run" / "best", best)
+    (best / "radtrain.json").unlink()
+    assert main(["evaluate", "--model", str(best)]) == 2
+    assert "pass the data to score with --data SOURCE" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(capped_run / "run" / "best"), "data.max_length=100000"]) == 2
+    assert "above the model's limit" in capsys.readouterr().err
+
+
+def test_push_of_an_unfinished_run_or_from_best_reads_the_run(capped_run, tmp_path, capsys):
+    """`push RUN/best` ignored RUN/config.yaml (hub.repo_id and revision); a run without
+    summary.json was published as finished ('the test split was read once'); --preview onto the
+    export or a file was a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(capped_run / "run", run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("repo_id: null", "repo_id: me/from-config")
+                      .replace("revision: null", "revision: v2"))
+    assert main(["push", str(run / "best"), "--preview", str(tmp_path / "p1")]) == 0
+    assert "# from-config\n" in (tmp_path / "p1" / "README.md").read_text()  # the card of hub.repo_id's repo
+    capsys.readouterr()
+    assert main(["push", str(run), "--preview", str(run / "best")]) == 2
+    assert "is the export's own directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["push", str(run), "--preview", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (run / "summary.json").unlink()
+    assert main(["push", str(run), "--preview", str(tmp_path / "p2")]) == 2
+    assert "has no summary.json: the run has not finished" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()
+    bare = tmp_path / "bare"
+    shutil.copytree(run / "best", bare)
+    assert main(["push", str(bare), "--repo-id", "me/x", "--preview", str(tmp_path / "p3")]) == 0
+    card = (tmp_path / "p3" / "README.md").read_text()
+    assert "No test evaluation is published" in card and "read once" not in card
+
+
+def test_card_lineage_of_an_older_export_with_a_relative_init_from(tmp_path, monkeypatch):
+    """Exports before session 13 recorded init_from as typed: read from another directory,
+    'mlm/best' was taken for a Hub model (base_model: mlm/best, 'MLM phase ran: no')."""
+    from radtrain.model_card import lineage
+
+    monkeypatch.chdir(tmp_path)
+    origin = lineage({"init_from": "mlm/best", "base_model": "scratch:tiny"})
+    assert origin["base_model"] == "scratch:tiny" and origin["mlm_ran"] is None
+    origin = lineage({"init_from": "answerdotai/ModernBERT-base", "base_model": "answerdotai/ModernBERT-base"})
+    assert origin["base_model"] == "answerdotai/ModernBERT-base" and origin["mlm_ran"] is False

@@ -16,9 +16,10 @@ from tests.conftest import PYTHON, TINY, subprocess_env
 pytestmark = pytest.mark.slow
 
 
-def radtrain(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def radtrain(*args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PYTHON, "-m", "radtrain", *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env()
+        [PYTHON, "-m", "radtrain", *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env(),
+        cwd=cwd,
     )
 
 
@@ -118,10 +119,15 @@ def test_a_run_from_an_mlm_export_names_that_exports_base_model(runs, roco_dir, 
     model.init_from never loads; the card resolved it, other readers of radtrain.json did not."""
     out = tmp_path / "cls"
     tiny = [o for o in TINY if not o.startswith("model.name=")]
+    # init_from as a relative path (session 13: it was recorded as typed, so a push from another
+    # directory published "base_model: mlm/best" and "MLM phase ran: no").
     ok(radtrain("classify", "--output-dir", str(out), f"data.source={roco_dir}", *tiny, "train.max_steps=2",
-                f"model.init_from={runs / 'mlm' / 'best'}"))
+                "model.init_from=mlm/best", cwd=runs))
     meta = json.loads((out / "best" / "radtrain.json").read_text())
     assert meta["base_model"] == "scratch:tiny" and meta["init_from"] == str(runs / "mlm" / "best")
+    ok(radtrain("push", str(out), "--repo-id", "me/x", "--preview", str(tmp_path / "preview"), cwd=tmp_path))
+    card = (tmp_path / "preview" / "README.md").read_text()
+    assert "mlm/best" not in card.split("---")[1] and "Radiology MLM phase ran: yes" in card
 
 
 def test_best_export_loads_with_transformers(runs):

@@ -111,14 +111,20 @@ class LabelSpace:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LabelSpace:
-        data = json.loads(Path(path).read_text())
-        labels = data["labels"]
-        return cls(
-            cuis=[item["cui"] for item in labels],
-            counts=[int(item.get("count") or 0) for item in labels],
-            names={item["cui"]: item["name"] for item in labels if item.get("name")},
-            min_count=int(data.get("min_label_count", 1)),
-        )
+        """A labels.json written by ``save``; anything else is a DataError naming the file."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            labels = data["labels"]
+            return cls(
+                cuis=[str(item["cui"]) for item in labels],
+                counts=[int(item.get("count") or 0) for item in labels],
+                names={item["cui"]: item["name"] for item in labels if item.get("name")},
+                min_count=int(data.get("min_label_count", 1)),
+            )
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise DataError(
+                f"{path}: not a radtrain labels.json ({type(exc).__name__}: {exc}); copy it from the run's best/"
+            ) from exc
 
 
 def _warn_non_cuis(counter: Counter) -> None:

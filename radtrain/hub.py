@@ -654,6 +654,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
 
     saved: dict[str, Any] = {}
+    if args.repo_id:
+        check_repo_id(args.repo_id, "--repo-id")
     _, run_dir = resolve_dirs(args.run_dir)  # RUN/best reads RUN/config.yaml too
     config_path = run_dir / "config.yaml" if run_dir else None
     if config_path is not None and config_path.is_file():

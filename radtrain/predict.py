@@ -32,6 +32,12 @@ def check_export(model_dir: Path) -> None:
     if not (model_dir / "config.json").is_file():
         what = "no such directory" if not model_dir.exists() else "not a model directory (no config.json)"
         raise ConfigError(f"--model {model_dir}: {what}; pass a classify run's best/ directory")
+    task = read_meta(model_dir).get("task")
+    if task is not None and task != "classify":
+        raise ConfigError(
+            f"--model {model_dir}: radtrain.json says task {task!r}; predict and evaluate need a classifier "
+            "export (a classify run's best/)"
+        )
     if not isinstance(read_json(model_dir / "config.json"), dict):  # a damaged one named, not "Offline?"
         raise ConfigError(f"--model {model_dir}: config.json is not a JSON object; copy it from the run's best/")
     missing = [
@@ -42,12 +48,6 @@ def check_export(model_dir: Path) -> None:
         raise ConfigError(
             f"--model {model_dir}: incomplete model directory, no {'; no '.join(missing)}; copy the whole best/ "
             "directory"
-        )
-    task = read_meta(model_dir).get("task")
-    if task is not None and task != "classify":
-        raise ConfigError(
-            f"--model {model_dir}: radtrain.json says task {task!r}; predict and evaluate need a classifier "
-            "export (a classify run's best/)"
         )
 
 

@@ -652,7 +652,6 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-
     saved: dict[str, Any] = {}
     if args.repo_id:
         check_repo_id(args.repo_id, "--repo-id")

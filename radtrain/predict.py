@@ -19,7 +19,7 @@ import torch
 
 from radtrain.config import ConfigError
 from radtrain.data.labels import LabelSpace
-from radtrain.data.sources import FILE_SUFFIXES, DataError, read_rows
+from radtrain.data.sources import ENCODING, FILE_SUFFIXES, DataError, read_rows
 from radtrain.export import LABELS_FILE, read_meta, read_thresholds
 from radtrain.io import read_json
 from radtrain.thresholds import apply_thresholds, threshold_vector
@@ -41,7 +41,7 @@ def check_export(model_dir: Path) -> None:
     if not isinstance(read_json(model_dir / "config.json"), dict):  # a damaged one named, not "Offline?"
         raise ConfigError(f"--model {model_dir}: config.json is not a JSON object; copy it from the run's best/")
     missing = [
-        f"{what} file ({', '.join(names)})" for what, names in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES))
+        f"{what} file ({', '.join(names)})" for what, names in (("weights", WEIGHT_PATTERNS), ("tokenizer", TOKENIZER_PATTERNS))
         if not any(any(model_dir.glob(name)) for name in names)
     ]
     if missing:
@@ -51,8 +51,8 @@ def check_export(model_dir: Path) -> None:
         )
 
 
-WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_PATTERNS = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 class Predictor:
@@ -135,8 +135,8 @@ def _stdin_lines() -> Iterator[str]:
     """Standard input, line by line, decoded here strictly: the interpreter's own decoding passes
     undecodable bytes on as surrogates, which the tokenizer then fails on with a traceback."""
     buffer = getattr(sys.stdin, "buffer", None)
-    # utf-8-sig: a leading byte-order mark (Notepad, Excel) is not part of the first text.
-    stream = io.TextIOWrapper(buffer, encoding="utf-8-sig") if buffer is not None else sys.stdin
+    # Training's encoding: a leading byte-order mark (Notepad, Excel) is not part of the first text.
+    stream = io.TextIOWrapper(buffer, encoding=ENCODING) if buffer is not None else sys.stdin
     try:
         yield from stream
     finally:
@@ -146,7 +146,7 @@ def _stdin_lines() -> Iterator[str]:
 
 def _file_lines(path: Path) -> Iterator[str]:
     try:
-        handle = path.open(encoding="utf-8-sig")  # as training reads its files (sources.ENCODING)
+        handle = path.open(encoding=ENCODING)  # as training reads its files
     except OSError as exc:
         raise DataError(f"--input {path}: cannot read ({exc.strerror or exc})") from exc
     with handle:
